@@ -1,0 +1,319 @@
+"""Turn a MODEL argument (a string) into a freshly built model plus the input shape it expects.
+
+Every CLI command that takes a MODEL goes through `resolve_model`, so one string names a model the
+same way everywhere:
+
+- `torchvision:NAME`: `torchvision.models.get_model(NAME, weights=None[, num_classes=...])`. Weights are
+  never downloaded - symmetries and their conservation laws are properties of the architecture and
+  of training, not of a checkpoint.
+- `package.module:factory`: imports the module and takes the attribute (dotted paths such as
+  `pkg.mod:Outer.build` work). A callable is called, with `num_classes=` when it accepts it; a result that
+  is an `nn.Module` class is instantiated the same way; an `nn.Module` instance is used as is.
+- a preset name from `neural_mechanics.experiments.models.PRESETS` (e.g. `vgg16-bn-tinyimagenet`).
+
+The input shape (one example, no batch dimension) matters because symmetry detection and the
+constraint checks run the model on example inputs. torchvision models get a per-family default (see
+`torchvision_input_shape`); for a user's factory it is read from an `input_shape` attribute of the model
+or factory if there is one, otherwise guessed from the first parameterised layer (Conv2d with C input
+channels -> (C, 64, 64), Linear with F inputs -> (F,), ...). `input_shape=` overrides all of this.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor, nn
+
+from neural_mechanics.errors import ModelSpecError
+from neural_mechanics.experiments.models import PRESETS, get_preset
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+@dataclass(frozen=True, eq=False)
+class ResolvedModel:
+    """A built model and what is needed to feed it: `input_shape` is one example's shape, e.g. (3, 64, 64) or (64,).
+
+    `num_classes` is the width of the output when it is known (None otherwise).
+    """
+
+    model: nn.Module
+    input_shape: tuple[int, ...]
+    num_classes: int | None
+    spec: str
+    description: str
+
+    def example_inputs(self, batch_size: int = 2, *, seed: int = 0, device: str | torch.device = "cpu") -> Tensor:
+        """A seeded standard-normal batch of shape (batch_size, *input_shape)."""
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn((batch_size, *self.input_shape), generator=gen).to(device)
+
+
+# -- torchvision -------------------------------------------------------------------------------
+
+#: Default example-input shape by torchvision model-name prefix, first match wins; anything else that is an
+#: image classifier or segmenter gets (3, 64, 64) (small CNNs with adaptive pooling run on it).
+TORCHVISION_INPUT_SHAPES: tuple[tuple[str, tuple[int, ...], str], ...] = (
+    ("vit_", (3, 224, 224), "ViT checks that the image size equals its image_size (224)"),
+    ("swin3d_", (3, 16, 224, 224), "video Swin: (C, T, H, W)"),
+    ("swin_", (3, 224, 224), "Swin windows are sized for 224x224"),
+    ("maxvit_", (3, 224, 224), "MaxViT needs 224x224 (its partitions are fixed)"),
+    ("inception_v3", (3, 299, 299), "Inception-v3 needs >= 75x75; 299x299 is its native size"),
+    ("quantized_inception_v3", (3, 299, 299), "Inception-v3 needs >= 75x75; 299x299 is its native size"),
+    ("mvit_", (3, 16, 224, 224), "video MViT: (C, T, H, W) with 16 frames of 224x224"),
+    ("s3d", (3, 16, 224, 224), "video S3D: (C, T, H, W)"),
+    ("r3d_", (3, 16, 112, 112), "video ResNet: (C, T, H, W)"),
+    ("mc3_", (3, 16, 112, 112), "video ResNet: (C, T, H, W)"),
+    ("r2plus1d_", (3, 16, 112, 112), "video ResNet: (C, T, H, W)"),
+)
+DEFAULT_IMAGE_SHAPE: tuple[int, ...] = (3, 64, 64)
+
+#: torchvision families whose forward does not take one batched tensor (lists of images, targets, image pairs).
+_UNSUPPORTED_TORCHVISION_MODULES = ("detection", "optical_flow")
+
+
+def torchvision_model_names() -> list[str]:
+    """All model names torchvision registers (`torchvision.models.list_models()`)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models())
+
+
+def torchvision_input_shape(name: str) -> tuple[int, ...]:
+    """The default example-input shape for torchvision model `name` (see TORCHVISION_INPUT_SHAPES)."""
+    for prefix, shape, _why in TORCHVISION_INPUT_SHAPES:
+        if name.startswith(prefix):
+            return shape
+    return DEFAULT_IMAGE_SHAPE
+
+
+def _torchvision_family(name: str) -> str:
+    import torchvision.models as tvm
+
+    for family in ("detection", "optical_flow", "segmentation", "video", "quantization"):
+        if name in tvm.list_models(module=getattr(tvm, family)):
+            return family
+    return "classification"
+
+
+_TORCHVISION_DEFAULT_CLASSES = {"classification": 1000, "quantization": 1000, "segmentation": 21, "video": 400}
+
+
+def _resolve_torchvision(spec: str, name: str, num_classes: int | None) -> ResolvedModel:
+    import torchvision
+
+    names = torchvision_model_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join('torchvision:' + c for c in close)}? " if close else ""
+        raise ModelSpecError(
+            f"torchvision has no model called {name!r}",
+            f"{hint}list them with `python -c 'import torchvision; print(torchvision.models.list_models())'`",
+        )
+    family = _torchvision_family(name)
+    if family in _UNSUPPORTED_TORCHVISION_MODULES:
+        raise ModelSpecError(
+            f"torchvision:{name} is a {family.replace('_', ' ')} model; its forward takes lists of images (and "
+            "targets), not one batched tensor",
+            "wrap it in an nn.Module whose forward maps a tensor to a tensor and pass it as package.module:factory",
+        )
+    kwargs: dict[str, Any] = {"weights": None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if family == "quantization":
+        kwargs["quantize"] = False
+    if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+        kwargs["weights_backbone"] = None  # segmentation builders default to downloading an ImageNet backbone
+    try:
+        model = torchvision.models.get_model(name, **kwargs)
+    except Exception as exc:  # torchvision raises ValueError/TypeError/AssertionError for bad kwargs
+        raise ModelSpecError(
+            f"torchvision could not build {name!r} with {kwargs}: {type(exc).__name__}: {exc}",
+            "check num_classes (some models fix it) or build the model yourself and pass package.module:factory",
+        ) from exc
+    classes = num_classes if num_classes is not None else _TORCHVISION_DEFAULT_CLASSES.get(family)
+    return ResolvedModel(
+        model=model,
+        input_shape=torchvision_input_shape(name),
+        num_classes=classes,
+        spec=spec,
+        description=f"torchvision {name} ({family}, random init, no pretrained weights)",
+    )
+
+
+# -- package.module:factory --------------------------------------------------------------------
+
+
+def _accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _default_num_classes(fn: Callable[..., Any]) -> int | None:
+    try:
+        p = inspect.signature(fn).parameters.get("num_classes")
+    except (TypeError, ValueError):
+        return None
+    return p.default if p is not None and isinstance(p.default, int) else None
+
+
+def _call(fn: Callable[..., Any], num_classes: int | None, what: str) -> Any:
+    try:
+        if num_classes is not None and _accepts_kwarg(fn, "num_classes"):
+            return fn(num_classes=num_classes)
+        return fn()
+    except Exception as exc:
+        raise ModelSpecError(
+            f"{what} raised {type(exc).__name__}: {exc}",
+            "a factory must be callable with no arguments (or with num_classes=...) and return an nn.Module; "
+            "fix the factory or wrap it in one that supplies its arguments",
+        ) from exc
+
+
+def _infer_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """Guess one example's shape from the first parameterised layer in registration order."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return (m.in_channels, 64, 64)
+        if isinstance(m, nn.Conv1d):
+            return (m.in_channels, 128)
+        if isinstance(m, nn.Conv3d):
+            return (m.in_channels, 16, 64, 64)
+        if isinstance(m, nn.Linear):
+            return (m.in_features,)
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag):
+            return None  # token inputs: a float example would be wrong
+    return None
+
+
+def _infer_num_classes(model: nn.Module) -> int | None:
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m.out_features
+    return last
+
+
+def _shape_attr(obj: Any) -> tuple[int, ...] | None:
+    shape = getattr(obj, "input_shape", None)
+    if isinstance(shape, tuple | list) and shape and all(isinstance(s, int) for s in shape):
+        return tuple(shape)
+    return None
+
+
+def _resolve_import(spec: str, num_classes: int | None) -> tuple[nn.Module, tuple[int, ...] | None, int | None]:
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise ModelSpecError(
+            f"model spec {spec!r} is not of the form package.module:factory",
+            "write e.g. mypkg.models:build_net, torchvision:resnet18, or a preset name",
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelSpecError(
+            f"cannot import module {module_name!r} (from {spec!r}): {exc}",
+            "check the spelling and that the package is installed or on PYTHONPATH (run from its directory or "
+            "`pip install -e` it)",
+        ) from exc
+    obj: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            public = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, public, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ModelSpecError(
+                f"{module_name} has no attribute {attr_path!r} (missing {part!r})",
+                f"{hint}name a function or nn.Module class defined in {module_name}",
+            )
+        obj = getattr(obj, part)
+    shape = _shape_attr(obj)
+    factory_classes = _default_num_classes(obj) if callable(obj) else None
+    if isinstance(obj, nn.Module):
+        if num_classes is not None:
+            raise ModelSpecError(
+                f"{spec} is an already-built nn.Module, so num_classes={num_classes} cannot be applied",
+                "point the spec at a factory function or the class instead, or drop num_classes",
+            )
+        result: Any = obj
+    elif callable(obj):
+        result = _call(obj, num_classes, spec)
+        if isinstance(result, type) and issubclass(result, nn.Module):
+            factory_classes = _default_num_classes(result) or factory_classes
+            result = _call(result, num_classes, f"{spec}() returned {result.__name__}, and {result.__name__}()")
+    else:
+        raise ModelSpecError(
+            f"{spec} is a {type(obj).__name__}, not a factory, class or nn.Module", "name a function or class"
+        )
+    if not isinstance(result, nn.Module):
+        raise ModelSpecError(
+            f"{spec} returned a {type(result).__name__}, not an nn.Module",
+            "make the factory return a torch.nn.Module (an instance or an nn.Module class)",
+        )
+    shape = _shape_attr(result) or shape
+    classes = num_classes if num_classes is not None else factory_classes
+    return result, shape, classes
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def resolve_model(
+    spec: str, *, num_classes: int | None = None, input_shape: tuple[int, ...] | None = None
+) -> ResolvedModel:
+    """Build the model that `spec` names (torchvision:NAME, package.module:factory or a preset; see module docs).
+
+    `num_classes` overrides the model's default output width; `input_shape` overrides the default example shape.
+    Raises ModelSpecError (with what went wrong and what to do) for anything that cannot be resolved.
+    """
+    spec = spec.strip()
+    if input_shape is not None:
+        input_shape = tuple(int(s) for s in input_shape)
+    if spec.startswith(TORCHVISION_PREFIX):
+        resolved = _resolve_torchvision(spec, spec[len(TORCHVISION_PREFIX) :].strip(), num_classes)
+        if input_shape is not None:
+            resolved = ResolvedModel(resolved.model, input_shape, resolved.num_classes, spec, resolved.description)
+        return resolved
+    if ":" in spec:
+        model, shape, classes = _resolve_import(spec, num_classes)
+        shape = input_shape or shape or _infer_input_shape(model)
+        if shape is None:
+            raise ModelSpecError(
+                f"cannot tell what input {spec} expects (its first layer is not a Conv or Linear)",
+                "pass an input shape (e.g. --input-shape 3,32,32), or give the model or factory an `input_shape` "
+                "attribute",
+            )
+        if classes is None:
+            classes = _infer_num_classes(model)
+        return ResolvedModel(model, shape, classes, spec, f"{type(model).__name__} from {spec}")
+    if spec not in PRESETS:
+        _raise_unknown(spec)
+    preset = get_preset(spec)
+    return ResolvedModel(
+        model=preset.build(num_classes),
+        input_shape=input_shape or preset.input_shape,
+        num_classes=num_classes if num_classes is not None else preset.num_classes,
+        spec=spec,
+        description=preset.description,
+    )
+
+
+def _raise_unknown(spec: str) -> NoReturn:
+    close = difflib.get_close_matches(spec, list(PRESETS), n=3)
+    hints = [f"did you mean the preset {', '.join(close)}?"] if close else []
+    tv = torchvision_model_names()
+    if spec in tv:
+        hints.append(f"for the torchvision model write torchvision:{spec}.")
+    hints.append(
+        "a MODEL is torchvision:NAME, package.module:factory, or one of the presets: " + ", ".join(PRESETS) + "."
+    )
+    raise ModelSpecError(f"unknown model {spec!r}", " ".join(hints))

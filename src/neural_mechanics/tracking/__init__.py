@@ -1,0 +1,1 @@
+"""Online tracking of charges during training (Tracker), its segment reductions, and the run store."""
