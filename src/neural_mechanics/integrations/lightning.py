@@ -1,0 +1,112 @@
+"""A PyTorch Lightning callback that attaches the Tracker to the LightningModule's optimizer.
+
+    trainer = lightning.Trainer(callbacks=[NeuralMechanicsCallback("runs/a", example_inputs=x)])
+
+Why only manual optimization: Lightning's automatic optimization calls `optimizer.step(closure)` and runs
+forward + backward *inside* `step`, i.e. after torch's step pre-hooks, where the Tracker measures the
+gradients (it would see the previous step's gradients, or none). With `self.automatic_optimization = False`
+the module calls `self.manual_backward(loss)` and then `opt.step()`, so the hooks see this step's
+gradients, exactly as in a plain loop. The callback refuses automatic optimization with a TrackerError
+saying so (see the tracker limitation in the report / docs/distributed.md), instead of logging garbage.
+
+Under a DDP strategy every rank builds a Tracker on its own module (identical predictions), and only global
+rank 0 writes the run directory. FSDP / DeepSpeed strategies are refused (`check_not_sharded`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from neural_mechanics.errors import TrackerError
+
+try:  # the `lightning` package, else the older standalone `pytorch_lightning`
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - depends on what is installed
+    try:
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment]
+    except ImportError as exc:
+        raise ImportError("neural_mechanics.integrations.lightning needs `lightning` (pip install lightning) or "
+                          "`pytorch_lightning`") from exc
+
+
+class NeuralMechanicsCallback(Callback):
+    """Track every symmetry of the LightningModule during `trainer.fit`, writing to `run_dir` (rank 0).
+
+    symmetries: a SymmetrySet, or None to detect them at fit start from `example_inputs` (default: the module's
+    `example_input_array`) with `loss`. log_every / log_spaced / flush_every: as for `Tracker`. The tracker is
+    attached in `on_train_start` (the optimizer exists then) and closed in `on_train_end` (status "finished")
+    or `on_exception` (status "failed"). `optimizer_index` picks one of several optimizers.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, symmetries: Any = None, example_inputs: Any = None,
+                 loss: Any = "cross_entropy", log_every: int = 10, log_spaced: bool = False, flush_every: int = 200,
+                 optimizer_index: int = 0, config: dict[str, Any] | None = None):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.symmetries = symmetries
+        self.example_inputs = example_inputs
+        self.loss = loss
+        self.log_every = log_every
+        self.log_spaced = log_spaced
+        self.flush_every = flush_every
+        self.optimizer_index = optimizer_index
+        self.config = config
+        self.tracker: Any = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Check what can be checked before training (optimization mode, sharding) and detect the symmetries."""
+        from neural_mechanics.experiments.train import check_not_sharded
+
+        if getattr(pl_module, "automatic_optimization", False):
+            raise TrackerError(
+                "Lightning's automatic optimization computes the gradients inside optimizer.step(closure), after "
+                "the step pre-hook where the tracker reads them",
+                "set `self.automatic_optimization = False` in the LightningModule and in training_step call "
+                "`opt = self.optimizers(); opt.zero_grad(); self.manual_backward(loss); opt.step()`")
+        check_not_sharded(pl_module)
+        if self.symmetries is None:
+            from neural_mechanics.symmetry.detect import find_symmetries
+
+            x = self.example_inputs if self.example_inputs is not None else getattr(pl_module, "example_input_array",
+                                                                                    None)
+            if x is None:
+                raise TrackerError("no symmetries and no example inputs to detect them from",
+                                   "pass symmetries=nm.find_symmetries(model, x) or example_inputs=x, or set "
+                                   "`example_input_array` on the LightningModule")
+            was_training = pl_module.training
+            pl_module.train()
+            self.symmetries = find_symmetries(pl_module, x.to(pl_module.device) if hasattr(x, "to") else x,
+                                              loss=self.loss)
+            pl_module.train(was_training)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        from neural_mechanics.tracking.tracker import Tracker
+
+        optimizers = trainer.optimizers
+        if not optimizers:
+            raise TrackerError("the Trainer has no optimizer to attach to", "return one from configure_optimizers")
+        optimizer = optimizers[self.optimizer_index]
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        rank = int(getattr(trainer, "global_rank", 0))
+        self.tracker = Tracker(pl_module, optimizer, self.symmetries, self.run_dir if rank == 0 else None,
+                               log_every=self.log_every, log_spaced=self.log_spaced, flush_every=self.flush_every,
+                               config=self.config, rank=rank)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log the batch loss at the tracker's log steps (the step index of the optimizer step just taken)."""
+        if self.tracker is None or self.tracker.step == 0:
+            return
+        k = self.tracker.step - 1
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None and k % self.log_every == 0:
+            self.tracker.log_metrics(k, "train", loss=float(loss.detach() if hasattr(loss, "detach") else loss))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.close("finished")
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self.tracker is not None:
+            self.tracker.close("failed", f"{type(exception).__name__}: {exception}")
