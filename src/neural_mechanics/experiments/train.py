@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -533,6 +534,16 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, console: Any, progress: 
     except OSError as exc:
         raise store_error(exc, out_dir, "creating the run directory") from exc
     metrics_log = _Metrics(writer)
+    trace = None
+    if tracker is not None and rank == 0:
+        from neural_mechanics.tracking.param_trace import ParamTrace
+
+        previous = out_dir / "param_trace.parquet"
+        trace = ParamTrace(net, optimizer, symmetries or (), every=cfg.tracker.log_every, seed=cfg.seed,
+                           start_step=int(state["step"]) if state is not None else 0,
+                           previous=pd.read_parquet(previous) if state is not None and previous.is_file() else None)
+        if state is None and symmetries is not None:
+            _save_constraints(model, symmetries, train_data, out_dir, cfg.seed, device)
 
     step = 0
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
@@ -579,6 +590,8 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, console: Any, progress: 
                       "metrics_at_step": metrics_log.state(step)}, ckpt_path)
         if writer is not None:
             writer.flush()
+        if trace is not None:
+            trace.save(out_dir)
 
     from rich.progress import (
         BarColumn,
@@ -681,6 +694,9 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, console: Any, progress: 
             raise err from exc
         raise
     try:
+        if trace is not None:
+            trace.close()
+            trace.save(out_dir)
         if tracker is not None:
             tracker.close(status, note)
         elif writer is not None:
@@ -694,6 +710,34 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, console: Any, progress: 
     if tracker is not None and rank == 0 and status == "finished":
         result.max_rel_error = max_relative_errors(out_dir)
     return result
+
+
+#: Above this many parameters the start-of-run constraint check skips the Hessian (HVPs in float64 are slow on CPU).
+HESSIAN_CHECK_MAX_PARAMS = 2_000_000
+
+
+def _save_constraints(model: nn.Module, symmetries: Any, data: DatasetInfo, out_dir: Path, seed: int,
+                      device: torch.device) -> None:
+    """Check the gradient (and, for small models, Hessian) constraints on one batch at step 0 and save them as
+    `constraints.parquet` beside the run, where the report's constraint histograms read them. Best effort: a
+    failure here is a warning, never a lost run."""
+    from neural_mechanics.geometry import check_constraints
+
+    if not len(symmetries):
+        return
+    try:
+        x, y = next(iter(make_loader(data, 32, seed=seed)))
+        n_params = sum(p.numel() for p in model.parameters())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = check_constraints(model, F.cross_entropy, (x.to(device), y.to(device)), symmetries,
+                                       hessian=n_params <= HESSIAN_CHECK_MAX_PARAMS, seed=seed)
+        path = out_dir / "constraints.parquet"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        report.to_frame().to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except Exception as exc:  # the check is an extra; training goes on
+        warnings.warn(f"could not check the constraints at step 0: {exc}", RuntimeWarning, stacklevel=2)
 
 
 def _close_quietly(tracker: Any, writer: Any, status: str, note: str) -> None:

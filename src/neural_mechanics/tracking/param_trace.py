@@ -26,7 +26,10 @@ class ParamTrace:
     """Record `per_layer` randomly chosen coordinates of each scale-group layer's weight every `every` steps."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, symmetries: Iterable[Symmetry], *,
-                 every: int = 10, per_layer: int = 8, seed: int = 0):
+                 every: int = 10, per_layer: int = 8, seed: int = 0, start_step: int = 0,
+                 previous: pd.DataFrame | None = None):
+        """start_step: the optimizer step count at attach time (resumed runs); previous: rows recorded before
+        (e.g. the saved `param_trace.parquet` of a resumed run), kept for steps < start_step."""
         if every < 1 or per_layer < 1:
             raise ValueError(f"every and per_layer must be >= 1 (got {every}, {per_layer})")
         params = dict(model.named_parameters())
@@ -45,9 +48,11 @@ class ParamTrace:
             idx = torch.randperm(p.numel(), generator=gen)[: min(per_layer, p.numel())]
             self._targets.append((s.layer, s.members[0].param, p, idx.to(p.device)))
         self.every = every
-        self.step = 0
+        self.step = int(start_step)
+        self._previous = previous[previous["step"] < self.step] if previous is not None else None
         self._records: list[tuple[int, list[Tensor]]] = []
-        self._record()
+        if self.step % every == 0:
+            self._record()
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
     @torch.no_grad()
@@ -73,7 +78,10 @@ class ParamTrace:
                     rows["layer"].append(layer)
                     rows["param"].append(f"{name}[{i}]")
                     rows["value"].append(v)
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        if self._previous is not None and len(self._previous):
+            frame = pd.concat([self._previous[list(rows)], frame], ignore_index=True)
+        return frame
 
     def save(self, run_dir: str | os.PathLike[str]) -> Path:
         """Write `param_trace.parquet` into run_dir atomically (temp file + rename)."""
