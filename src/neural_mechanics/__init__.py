@@ -1,11 +1,40 @@
 """neural-mechanics: symmetries, conservation laws and their breaking in deep-learning dynamics.
 
     import neural_mechanics as nm
-    symmetries = nm.find_symmetries(model, example_inputs)
+    sym = nm.find_symmetries(model, example_inputs)          # SymmetrySet
+    nm.certify(model, sym, example_inputs)                   # group actions leave the loss unchanged?
+    nm.check_constraints(model, loss_fn, (x, y), sym)        # gradient / Hessian constraints
+    with nm.Tracker(model, optimizer, sym, "runs/a") as t:   # charges vs exact and paper predictions
+        ...
+    nm.open_run("runs/a").frame()                            # long-form pandas DataFrame
+    nm.write_report("runs/a")                                # one self-contained HTML file
 """
 
+from .errors import NMechError
+from .geometry import ConstraintReport, check_constraints
+from .plots.report import write_report
 from .symmetry import KINDS, Member, Symmetry, SymmetrySet
+from .symmetry.certify import CertificationReport, certify
+from .symmetry.detect import find_symmetries
+from .tracking.store import Run, open_run
+from .tracking.tracker import Tracker
 
 __version__ = "0.1.0"
 
-__all__ = ["KINDS", "Member", "Symmetry", "SymmetrySet", "__version__"]
+__all__ = [
+    "KINDS",
+    "CertificationReport",
+    "ConstraintReport",
+    "Member",
+    "NMechError",
+    "Run",
+    "Symmetry",
+    "SymmetrySet",
+    "Tracker",
+    "__version__",
+    "certify",
+    "check_constraints",
+    "find_symmetries",
+    "open_run",
+    "write_report",
+]

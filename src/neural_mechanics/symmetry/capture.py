@@ -1,0 +1,223 @@
+"""Capture model + loss as one ATen graph whose placeholders are the parameters, buffers and inputs.
+
+Why `make_fx(..., pre_dispatch=True, tracing_mode="real")` over a `functional_call`:
+- it records what actually runs (Python control flow is executed, not traced symbolically), so models
+  with data-dependent branches, `*args` forwards and functional calls (`F.relu`, `torch.cat`, `x + y`)
+  capture without changes - `torch.fx.symbolic_trace` fails on all of those;
+- pre-dispatch keeps composite ops high level (`aten.linear`, `aten.conv2d`, `aten.batch_norm` with its
+  `training` flag, `aten.layer_norm`, `aten.dropout`, `aten.flatten`, `aten.cross_entropy_loss`), which is
+  exactly the level at which symmetry rules are stated; a post-dispatch graph would split BatchNorm
+  into `native_batch_norm` + getitem and Linear into `t` + `addmm`, hiding the structure;
+- real (not fake) tensors cost one forward pass at the example size and make `.item()`-style control
+  flow work (`_error_on_data_dependent_ops=False`: the branch the example inputs take is recorded, and
+  the detector warns that its groups hold for that branch); `node.meta["val"]` still carries shapes
+  for every node (as fake tensors).
+torch.export (non-strict) gives the same op set but uses fake tensors, so data-dependent control flow
+fails; it is kept as the fallback when `make_fx` itself fails on an op.
+
+The parameters enter as a flat list in `model.named_parameters()` order, so placeholder i maps back to
+the i-th name (a shared parameter appears once, under its first name, and its placeholder has one user
+per use). Buffers are cloned, and the global RNG state is restored, so capturing does not change the
+model: running statistics, `num_batches_tracked`, train/eval mode and random streams stay as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from neural_mechanics.errors import CaptureError, InputShapeError
+
+LossSpec = str | Callable[[Any], Tensor] | None
+
+SOFTMAX_LOSSES = ("cross_entropy", "softmax")
+PLAIN_LOSSES = ("mse", "none")
+
+
+@dataclass
+class CapturedGraph:
+    """A captured model(+loss) graph and the map from its placeholders back to the model."""
+
+    gm: torch.fx.GraphModule
+    params: dict[torch.fx.Node, str]
+    """parameter placeholder -> name in `model.named_parameters()`."""
+    trainable: dict[str, bool]
+    buffers: dict[torch.fx.Node, str]
+    inputs: list[torch.fx.Node]
+    mechanism: str
+    loss: str
+    input_shapes: list[tuple[int, ...]]
+    model_outputs_are_graph_outputs: bool
+    """True when no loss was captured (loss "mse"/None): the graph outputs are the model outputs."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.gm.graph
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise InputShapeError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}",
+        "pass one example batch, e.g. torch.randn(4, 3, 32, 32), or a tuple of the forward's arguments",
+    )
+
+
+def first_tensor(out: Any) -> Tensor:
+    """The logits of a model output: the tensor itself, the first tensor of a tuple, or a dict's 'logits'."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict):
+        if "logits" in out and isinstance(out["logits"], Tensor):
+            return out["logits"]
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, Tensor):
+                return o
+    if hasattr(out, "logits") and isinstance(out.logits, Tensor):
+        return out.logits
+    raise CaptureError(
+        f"the model returned {type(out).__name__}, in which no logits tensor was found",
+        "return a tensor (or a tuple whose first tensor is the logits), or pass loss=callable(outputs)",
+    )
+
+
+def softmax_loss(out: Any) -> Tensor:
+    """The captured stand-in for cross-entropy: sum(log_softmax(logits, dim=1)) (dim 0 for 1-D logits).
+
+    Cross-entropy with any targets is a function of log_softmax over the class dimension (dim 1, the
+    `F.cross_entropy` convention), so its symmetries are those of this graph.
+    """
+    logits = first_tensor(out)
+    return F.log_softmax(logits, dim=1 if logits.ndim > 1 else 0).sum()
+
+
+def _loss_fn(loss: LossSpec) -> tuple[Callable[[Any], Any] | None, str]:
+    if loss is None:
+        return None, "none"
+    if isinstance(loss, str):
+        key = loss.lower()
+        if key in SOFTMAX_LOSSES:
+            return softmax_loss, key
+        if key in PLAIN_LOSSES:
+            return None, key
+        raise CaptureError(
+            f"unknown loss {loss!r}",
+            f"use one of {SOFTMAX_LOSSES + PLAIN_LOSSES}, None, or a callable loss(outputs) -> scalar",
+        )
+    if callable(loss):
+        return loss, getattr(loss, "__name__", type(loss).__name__)
+    raise CaptureError(f"loss must be a string, None or a callable, got {type(loss).__name__}", None)
+
+
+_SHAPE_HINTS = (
+    "shape", "size", "dimension", "expected input", "mat1 and mat2", "channels", "must match", "Expected",
+    "out of range", "too small", "cannot be multiplied",
+)
+
+
+def _check_runs(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: tuple) -> None:
+    """Run the model once eagerly (buffers copied): a failure here is the input's fault, not the capture's."""
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            functional_call(model, (params, {k: v.clone() for k, v in buffers.items()}), inputs)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
+        what = f"the model rejected example inputs of shape {shapes}: {msg}"
+        if isinstance(e, TypeError) and not any(h in str(e) for h in _SHAPE_HINTS):
+            what = f"calling the model with {len(inputs)} example input(s) failed: {msg}"
+        raise InputShapeError(
+            what,
+            "pass a batch (batch size >= 2) shaped like the data the model is trained on, as a tensor or "
+            "a tuple of the forward's positional arguments",
+        ) from e
+
+
+def capture(model: nn.Module, example_inputs: Any, loss: LossSpec = "cross_entropy") -> CapturedGraph:
+    """Trace `loss(model(*inputs))` (or `model(*inputs)` for loss "mse"/None) into an ATen graph."""
+    inputs = _as_tuple(example_inputs)
+    names = [n for n, _ in model.named_parameters()]
+    plist = [p.detach() for _, p in model.named_parameters()]
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    bnames = [n for n, _ in model.named_buffers()]
+    blist = [b.detach().clone() for _, b in model.named_buffers()]
+    loss_fn, loss_name = _loss_fn(loss)
+
+    _check_runs(model, dict(zip(names, plist, strict=True)), dict(zip(bnames, blist, strict=True)), inputs)
+
+    def f(params: list[Tensor], buffers: list[Tensor], *xs: Any) -> Any:
+        state = (dict(zip(names, params, strict=True)), dict(zip(bnames, buffers, strict=True)))
+        out = functional_call(model, state, xs)
+        return out if loss_fn is None else loss_fn(out)
+
+    errors: list[str] = []
+    gm = None
+    mechanism = ""
+    mechanisms = (("make_fx(pre_dispatch=True, tracing_mode='real')", _make_fx),
+                  ("torch.export(strict=False)", _export))
+    for mech, trace in mechanisms:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                gm = trace(f, plist, blist, inputs)
+            mechanism = mech
+            break
+        except Exception as e:
+            errors.append(f"{mech}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    if gm is None:
+        raise CaptureError(
+            "could not capture the model as a graph; " + " | ".join(errors),
+            "the operation named above stopped tracing: replace it by a traceable equivalent (no in-place "
+            "ops on inputs, no .numpy()/.tolist() on activations), or pass a simpler loss callable",
+        )
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    n_p, n_b = len(plist), len(blist)
+    params = dict(zip(placeholders[:n_p], names, strict=True))
+    buffers = dict(zip(placeholders[n_p : n_p + n_b], bnames, strict=True))
+    return CapturedGraph(
+        gm=gm,
+        params=params,
+        trainable=trainable,
+        buffers=buffers,
+        inputs=placeholders[n_p + n_b :],
+        mechanism=mechanism,
+        loss=loss_name,
+        input_shapes=[tuple(x.shape) for x in inputs if isinstance(x, Tensor)],
+        model_outputs_are_graph_outputs=loss_fn is None,
+    )
+
+
+def _make_fx(f: Callable[..., Any], plist: Sequence[Tensor], blist: Sequence[Tensor], inputs: tuple) -> Any:
+    """Primary mechanism: make_fx, pre-dispatch, real tensors, data-dependent reads specialised."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(f, pre_dispatch=True, tracing_mode="real", _error_on_data_dependent_ops=False)(
+        list(plist), [b.clone() for b in blist], *inputs
+    )
+
+
+def _export(f: Callable[..., Any], plist: Sequence[Tensor], blist: Sequence[Tensor], inputs: tuple) -> Any:
+    """Fallback: torch.export (non-strict) of the same function, unlifted to a plain GraphModule."""
+
+    class _Wrap(nn.Module):
+        def forward(self, params: list[Tensor], buffers: list[Tensor], *xs: Any) -> Any:  # pragma: no cover
+            return f(params, buffers, *xs)
+
+    ep = torch.export.export(_Wrap(), (list(plist), [b.clone() for b in blist], *inputs), strict=False)
+    gm = ep.module()
+    for node in list(gm.graph.nodes):  # the input-guard call reads every placeholder; it computes nothing
+        if node.op == "call_module" and not node.users and "guard" in str(node.target):
+            gm.graph.erase_node(node)
+    return gm

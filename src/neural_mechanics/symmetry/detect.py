@@ -1,0 +1,262 @@
+"""`find_symmetries`: capture the model + loss, run the op rules, turn channel classes into groups.
+
+After the rules (rules.py) have labelled the graph, every class K of channel slots not joined to
+INVARIANT can be scaled by alpha > 0 without changing the loss, compensating every reader by 1/alpha:
+
+- K has readers (next layer's input slices)   -> "rescale": A1 = writers of K, A2 = readers of K;
+- K has no readers but a train-mode normaliser absorbs it -> "scale": A = writers of K;
+- K has neither (its value is never used)     -> skipped (counted in meta["unused_classes"]).
+
+Translation groups come from translation.py. Nothing here looks at parameter names except to report
+them: all structure comes from the captured graph.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+
+from neural_mechanics.symmetry.capture import LossSpec, capture
+from neural_mechanics.symmetry.graph import INVARIANT
+from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet, _short_index
+from neural_mechanics.symmetry.kinds import get_kind
+from neural_mechanics.symmetry.rules import (
+    LEAKS,
+    Analysis,
+    Contribution,
+    Role,
+    base_op,
+    module_of,
+    opname,
+    run_rules,
+)
+from neural_mechanics.symmetry.translation import find_translation_sites
+
+MAX_CHAIN = 40
+
+EVAL_BN_WARNING = (
+    "eval-mode BatchNorm ({layers}) normalises with running statistics, so it is an affine map with no "
+    "scale symmetry (and it blocks rescale symmetries through it); call model.train() before "
+    "find_symmetries to analyse the symmetries that hold during training"
+)
+
+
+def _key(param: str) -> str:
+    """Readable group-name stem: 'features.0.weight' -> 'features.0'; other names stay whole."""
+    return param[: -len(".weight")] if param.endswith(".weight") else param
+
+
+def _members(contribs: Iterable[Contribution]) -> tuple[Member, ...]:
+    """Merge contributions into one Member per (param, dim, role); a whole-tensor member absorbs slices."""
+    merged: dict[tuple[str, Role], dict[int | None, set[int]]] = defaultdict(dict)
+    for c in contribs:
+        per_dim = merged[(c.param, c.role)]
+        per_dim.setdefault(c.dim, set()).update(c.index or ())
+    out = []
+    for (param, role), per_dim in merged.items():
+        if None in per_dim or len(per_dim) > 1:
+            out.append(Member(param, None, None, role))
+            continue
+        ((dim, idx),) = per_dim.items()
+        out.append(Member(param, dim, tuple(sorted(idx)), role))
+    return tuple(out)
+
+
+def _chain(contribs: list[Contribution], extra: list[str]) -> tuple[str, ...]:
+    """Merge the contributions' event templates ("{idx}" -> merged indices) into readable lines."""
+    lines: dict[str, list[int]] = {}
+    for c in contribs:
+        if c.role == "in":
+            lines.setdefault(c.event, []).extend(c.index or ())
+    steps = [t.replace("{idx}", _short_index(tuple(sorted(set(ix)))) if ix else "all") for t, ix in lines.items()]
+    steps += list(dict.fromkeys(extra))
+    readers: dict[str, list[int]] = {}
+    for c in contribs:
+        if c.role == "out":
+            readers.setdefault(c.event, []).extend(c.index or ())
+    steps += [t.replace("{idx}", _short_index(tuple(sorted(set(ix)))) if ix else "all") for t, ix in readers.items()]
+    if len(steps) > MAX_CHAIN:
+        steps = [*steps[:MAX_CHAIN], f"... ({len(steps) - MAX_CHAIN} more steps)"]
+    return tuple(steps)
+
+
+def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
+    uf = a.uf
+    by_root: dict[int, list[Contribution]] = defaultdict(list)
+    for c in a.contributions:
+        r = uf.find(c.slot)
+        if r != INVARIANT:
+            by_root[r].append(c)
+    normalisers: dict[int, list[str]] = defaultdict(list)
+    for s, events in a.normalised.items():
+        normalisers[uf.find(s)].extend(events)
+    couplings: dict[int, list[str]] = defaultdict(list)
+    for s, text in a.couplings:
+        couplings[uf.find(s)].append(text)
+
+    groups: list[Symmetry] = []
+    unused = 0
+    overlaps: list[str] = []
+    for r, contribs in by_root.items():
+        writers = [c for c in contribs if c.role == "in"]
+        readers = [c for c in contribs if c.role == "out"]
+        if not writers:
+            continue
+        first = writers[0]
+        idx = "*" if first.index is None else str(first.index[0])
+        stem = f"{_key(first.param)}[{idx}]"
+        if {c.param for c in writers} & {c.param for c in readers}:
+            overlaps.append(stem)
+            continue
+        if readers:
+            kind = "rescale"
+        elif r in normalisers:
+            kind = "scale"
+        else:
+            unused += 1
+            continue
+        members = _members(writers) + _members(readers)
+        if kind == "scale":
+            members = tuple(Member(m.param, m.dim, m.index, None) for m in members)
+        groups.append(Symmetry(
+            kind=kind,
+            name=f"{kind}:{stem}",
+            members=members,
+            layer=module_of(first.param),
+            chain=_chain(contribs, couplings.get(r, []) + normalisers.get(r, [])),
+        ))
+    meta["unused_classes"] = unused
+    if overlaps:
+        meta["skipped_overlapping"] = overlaps
+    return groups
+
+
+def _translation_groups(a: Analysis) -> list[Symmetry]:
+    groups = []
+    for site in find_translation_sites(a):
+        chain = (*site.path, "softmax(z + s) = softmax(z) for a shift s shared by all classes of a sample")
+        if site.weight is not None:
+            layer = module_of(site.weight)
+            key = _key(site.weight)
+            for j in range(site.n_in):
+                groups.append(Symmetry("translation", f"translation:{key}[:,{j}]",
+                                       (Member(site.weight, 1, (j,)),), layer, chain))
+        if site.bias is not None:
+            groups.append(Symmetry("translation", f"translation:{site.bias}", (Member(site.bias),),
+                                   module_of(site.bias), chain))
+    return groups
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while tens of thousands of small group objects are built.
+
+    They hold no cycles; without the pause, generation-2 passes over the (large) torch heap took about
+    half of the detection time on resnet18.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def find_symmetries(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    loss: LossSpec = "cross_entropy",
+    kinds: Iterable[str] | None = None,
+) -> SymmetrySet:
+    """Find the translation, scale and rescale symmetries of `loss(model(*example_inputs))`.
+
+    example_inputs: a tensor or a tuple of tensors (one batch, batch size >= 2 for train-mode BatchNorm).
+    loss: "cross_entropy" / "softmax" (outputs are logits fed to a softmax over dim 1), "mse" / None
+    (no softmax, no translation symmetry) or a callable loss(outputs) -> scalar captured with the model.
+    kinds: restrict to these kinds (default all). The model is not modified (parameters, buffers,
+    train/eval mode and the global RNG state are left as they were); detection follows its current
+    mode: train-mode BatchNorm gives scale symmetries, eval-mode BatchNorm does not.
+    """
+    wanted: set[str] | None = None if kinds is None else {str(get_kind(k).name) for k in kinds}
+    with _gc_paused():
+        return _find(model, example_inputs, loss, wanted)
+
+
+def _find(model: nn.Module, example_inputs: Any, loss: LossSpec, wanted: set[str] | None) -> SymmetrySet:
+    t0 = time.perf_counter()
+    cap = capture(model, example_inputs, loss)
+    a = run_rules(cap)
+    meta: dict[str, Any] = {
+        "model": type(model).__name__,
+        "capture": cap.mechanism,
+        "input_shapes": [list(s) for s in cap.input_shapes],
+        "loss": cap.loss,
+        "training": bool(model.training),
+        "graph_nodes": len(cap.graph.nodes),
+        "frozen": [n for n, why in a.unusable.items() if why.startswith("frozen")],
+        "shared": [n for n, why in a.unusable.items() if why.startswith("shared")],
+        "blocked_ops": dict(a.blocked),
+        "warnings": [],
+    }
+    groups: list[Symmetry] = []
+    if wanted is None or wanted & {"scale", "rescale"}:
+        groups += _channel_groups(a, meta)
+    if wanted is None or "translation" in wanted:
+        groups += _translation_groups(a)
+    if wanted is not None:
+        groups = [g for g in groups if g.kind in wanted]
+    if a.eval_batchnorm:
+        layers = ", ".join(dict.fromkeys(a.eval_batchnorm))
+        if len(layers) > 120:
+            layers = layers[:117] + "..."
+        meta["warnings"].append(EVAL_BN_WARNING.format(layers=layers))
+    leaks = [n for n in cap.graph.nodes if n.op == "call_function" and base_op(n) in LEAKS]
+    if leaks:
+        meta["warnings"].append(
+            f"the forward reads {len(leaks)} activation value(s) into Python (.item(), `if tensor:`, .numpy()): "
+            "control flow was recorded for the branch these example inputs take, and every channel whose "
+            "value reaches Python is treated as blocked")
+    if meta["shared"]:
+        meta["warnings"].append(
+            f"parameters used by more than one operation are left out of every group: {meta['shared']}")
+    meta["seconds"] = round(time.perf_counter() - t0, 4)
+    return SymmetrySet(groups, meta)
+
+
+def describe_graph(model: nn.Module, example_inputs: Any, *, loss: LossSpec = "cross_entropy") -> str:
+    """One line per captured op: its shape and what the rules made of its channels (for debugging).
+
+    slots = live channel slots at the node, classes = distinct classes among them, tainted = how many of
+    those classes cannot be scaled (joined to INVARIANT).
+    """
+    with _gc_paused():
+        cap = capture(model, example_inputs, loss)
+        a = run_rules(cap)
+    rows = [f"{'node':<24} {'op':<40} {'shape':<22} slots classes tainted"]
+    for node in cap.graph.nodes:
+        if node.op not in ("call_function", "placeholder"):
+            continue
+        lab = a.env.get(node)
+        shape = node.meta.get("val")
+        shape_text = str(tuple(shape.shape)) if hasattr(shape, "shape") else "-"
+        op = "placeholder" if node.op == "placeholder" else opname(node)
+        if node in cap.params:
+            op = f"param {cap.params[node]}"
+        if node in a.dead:
+            op += " (unused)"
+        if isinstance(lab, Tensor):
+            slots = [int(s) for s in lab.unique().tolist() if s > 0]
+            roots = {a.uf.find(s) for s in slots}
+            tainted = sum(1 for r in roots if r == INVARIANT)
+            rows.append(f"{node.name:<24} {op:<40} {shape_text:<22} {len(slots):>5} {len(roots):>7} {tainted:>7}")
+        else:
+            rows.append(f"{node.name:<24} {op:<40} {shape_text:<22}     -       -       -")
+    return "\n".join(rows)
