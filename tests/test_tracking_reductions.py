@@ -1,4 +1,4 @@
-"""Segment reductions against the dense reference `Symmetry.masks()`."""
+"""The tracker's segment reductions (symmetry/incidence.py) against the dense reference `Symmetry.masks()`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from hypothesis import strategies as st
 
 from neural_mechanics.errors import TrackerError
 from neural_mechanics.symmetry.groups import Member, Symmetry
-from neural_mechanics.tracking.reductions import compile_segments, reduce_onto
+from neural_mechanics.symmetry.incidence import GroupIncidence, block_sums, reduce_onto
 
 SHAPES = {"w": (5, 4, 3, 3), "b": (5,), "v": (3, 5), "m": (4, 4)}
+
+
+def _compile(syms, shapes):
+    return GroupIncidence(syms, shapes, error=TrackerError)
 
 
 def _dense(syms, params, x, y, signed=True):
@@ -47,10 +51,9 @@ def test_fixed_groups_match_masks():
     params = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in SHAPES.items()}
     other = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in SHAPES.items()}
     syms = _fixed_groups()
-    table = compile_segments(syms, {k: torch.Size(s) for k, s in SHAPES.items()})
+    table = _compile(syms, {k: torch.Size(s) for k, s in SHAPES.items()})
     for signed in (True, False):
-        got = table.group_sums(lambda n: [params[n] * other[n], params[n] * params[n]], 2, torch.device("cpu"),
-                               signed=signed)
+        got = table.reduce_many(lambda n: [(params[n], other[n]), (params[n], params[n])], 2, signed=signed)
         torch.testing.assert_close(got[0], _dense(syms, params, params, other, signed), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got[1], _dense(syms, params, params, params, signed), rtol=1e-12, atol=1e-12)
 
@@ -58,9 +61,9 @@ def test_fixed_groups_match_masks():
 def test_linear_sum_and_none_products():
     params = {k: torch.randn(s, dtype=torch.float64) for k, s in SHAPES.items()}
     syms = _fixed_groups()
-    table = compile_segments(syms, {k: torch.Size(s) for k, s in SHAPES.items()})
+    table = _compile(syms, {k: torch.Size(s) for k, s in SHAPES.items()})
     ones = {k: torch.ones(s) for k, s in SHAPES.items()}
-    got = table.group_sums(lambda n: [params[n], None], 2, torch.device("cpu"))
+    got = table.reduce_many(lambda n: [params[n], None], 2)
     torch.testing.assert_close(got[0], _dense(syms, params, params, ones), rtol=1e-12, atol=1e-12)
     assert torch.equal(got[1], torch.zeros(len(syms), dtype=torch.float64))
 
@@ -71,6 +74,21 @@ def test_reduce_onto_keys():
     torch.testing.assert_close(reduce_onto(t, (1,)), t.double().sum((0, 2)))
     torch.testing.assert_close(reduce_onto(t, (0, 2)), t.double().sum(1).reshape(-1))
     torch.testing.assert_close(reduce_onto(t, (0, 1, 2)), t.double().reshape(-1))
+
+
+@pytest.mark.parametrize("keys", [[()], [(0,)], [(1,)], [(0,), (1,)], [(0, 2), (1,), ()], [(0, 1, 2, 3)]])
+def test_block_sums_equal_reduce_onto_and_are_float32_accurate(keys):
+    """One product, every key: equal to the float64 reference to a few float32 ulp of sum |terms| per cell."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 48, 3, 3, generator=gen), torch.randn(64, 48, 3, 3, generator=gen)
+    exact = x.double() * y.double()
+    for key, got in zip(keys, block_sums(x, y, keys), strict=True):
+        assert got.dtype == torch.float64
+        want = reduce_onto(exact, key)
+        scale = reduce_onto(exact.abs(), key)
+        assert ((got - want).abs() <= 4e-7 * scale + 1e-30).all(), key
+    for key, got in zip(keys, block_sums(x.double(), None, keys), strict=True):   # a field, float64: exact
+        torch.testing.assert_close(got, reduce_onto(x.double(), key), rtol=1e-13, atol=1e-13)
 
 
 @st.composite
@@ -117,20 +135,20 @@ def test_random_groups_match_masks(syms, seed):
     gen = torch.Generator().manual_seed(seed)
     params = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in SHAPES.items()}
     other = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in SHAPES.items()}
-    table = compile_segments(syms, {k: torch.Size(s) for k, s in SHAPES.items()})
-    got = table.group_sums(lambda n: [params[n] * other[n]], 1, torch.device("cpu"))[0]
+    table = _compile(syms, {k: torch.Size(s) for k, s in SHAPES.items()})
+    got = table.reduce_many(lambda n: [(params[n], other[n])], 1)[0]
     torch.testing.assert_close(got, _dense(syms, params, params, other), rtol=1e-10, atol=1e-10)
 
 
 def test_bad_members_raise_tracker_errors():
     shapes = {k: torch.Size(s) for k, s in SHAPES.items()}
     with pytest.raises(TrackerError, match="out of range"):
-        compile_segments([Symmetry("scale", "x", (Member("b", 0, (7,)),))], shapes)
+        _compile([Symmetry("scale", "x", (Member("b", 0, (7,)),))], shapes)
     with pytest.raises(TrackerError, match="does not have"):
-        compile_segments([Symmetry("scale", "x", (Member("nope"),))], shapes)
+        _compile([Symmetry("scale", "x", (Member("nope"),))], shapes)
     with pytest.raises(TrackerError, match="overlap"):
-        compile_segments([Symmetry("rescale", "x", (Member("b", 0, (1,), "in"), Member("b", 0, (1,), "out")))],
+        _compile([Symmetry("rescale", "x", (Member("b", 0, (1,), "in"), Member("b", 0, (1,), "out")))],
                          shapes)
     with pytest.raises(TrackerError, match="overlap"):
-        compile_segments([Symmetry("rescale", "x", (Member("m", 0, (1,), "in"), Member("m", 1, (1,), "out")))],
+        _compile([Symmetry("rescale", "x", (Member("m", 0, (1,), "in"), Member("m", 1, (1,), "out")))],
                          shapes)

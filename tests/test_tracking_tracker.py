@@ -283,3 +283,109 @@ def test_state_dict_is_weights_only_loadable(tmp_path):
     sd = torch.load(tmp_path / "t.pt", weights_only=True)
     assert sd["step"] == 3
     tr.close()
+
+
+PHASES = [  # (steps, param_group settings): plain -> heavy ball -> Nesterov -> heavy ball with dampening -> Nesterov
+    # (plain SGD only before the buffers exist: with buffers, momentum = 0 steps move <D theta, b_old>, which
+    # theory.exact's overlap does not follow)
+    (8, {"momentum": 0.0, "nesterov": False, "dampening": 0.0}),
+    (15, {"momentum": 0.9, "nesterov": False, "dampening": 0.0}),
+    (15, {"momentum": 0.9, "nesterov": True, "dampening": 0.0}),
+    (15, {"momentum": 0.8, "nesterov": False, "dampening": 0.3}),
+    (10, {"momentum": 0.9, "nesterov": True, "dampening": 0.0}),
+]
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_switching_optimizer_modes_matches_reference(tmp_path, maximize):
+    """Heavy ball (measured at the post hook) <-> Nesterov / plain (derived from gg, gb and carried state) mid-run.
+
+    The carried <b, D b> and the switch between the two measurement paths must keep every prediction equal to
+    the brute-force reference (float64), with and without maximize (which flips the sign of g in d).
+    """
+    torch.manual_seed(0)
+    net = BNNet(eps=1e-5).double()
+    syms = bn_symmetries(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-3, maximize=maximize)
+    ref = ReferenceTracker(net, opt, syms)
+    data = [(x.double(), y) for x, y in make_data()]
+    k = 0
+    with Tracker(net, opt, syms, tmp_path / "run", log_every=1) as tr:
+        for steps, settings in PHASES:
+            for pg in opt.param_groups:
+                pg.update(settings)
+            train(net, opt, data, steps, start=k)
+            k += steps
+    ref.close()
+    assert tr.step == k
+    df = open_run(tmp_path / "run").frame().set_index(["step", "group"])
+    assert _rel(df, "predicted_breaking").max() < 1e-11
+    for rec in ref.history:
+        rows = df.xs(rec["step"], level="step")
+        for s in syms:
+            r = rows.loc[s.name]
+            scale = max(r["norm"], 1e-12)
+            assert abs(r["predicted_exact"] - rec["exact"][s.name]) / scale < 1e-10, (rec["step"], s.name)
+            assert abs(r["predicted_breaking"] - rec["breaking"][s.name]) / scale < 1e-10, (rec["step"], s.name)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_attach_to_optimizer_with_momentum_buffers(tmp_path, nesterov):
+    """Attached mid-run (buffers already exist): the first step measures <D theta, b> and <b, D b> once."""
+    torch.manual_seed(0)
+    net = BNNet(eps=1e-5).double()
+    syms = bn_symmetries(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=5e-3)
+    data = [(x.double(), y) for x, y in make_data()]
+    train(net, opt, data, 10)
+    with Tracker(net, opt, syms, tmp_path / "run", log_every=5):
+        train(net, opt, data, 40, start=10)
+    df = open_run(tmp_path / "run").frame()
+    assert _rel(df, "predicted_breaking").max() < 1e-11
+    first, last = df[df.step == 0].set_index("group"), df[df.step == 40].set_index("group")
+    assert ((last.measured - first.measured).abs() / first.norm).max() > 1e-3
+
+
+def test_layers_errors_use_the_shared_floor(tmp_path):
+    """err_* of the layers frame = per (step, layer, kind) max / median of `relative_errors` on the groups frame,
+    whose denominator is max(norm, RELATIVE_ERROR_FLOOR x the group's largest norm so far) (brute force here)."""
+    from neural_mechanics.tracking.tracker import RELATIVE_ERROR_FLOOR, relative_errors
+
+    torch.manual_seed(0)
+    net = BNNet(eps=1e-5)
+    run = _run(tmp_path, net, bn_symmetries(net), *CONFIGS["heavy_ball"], steps=60, log_every=10)
+    df = run.frame()
+    err = relative_errors(df)
+    for _name, g in df.groupby("group"):
+        g = g.sort_values("step")
+        running = np.maximum.accumulate(g["norm"].abs().to_numpy())
+        den = np.maximum(g["norm"].abs().to_numpy(), RELATIVE_ERROR_FLOOR * running)
+        want = (g["predicted_breaking"] - g["measured"]).abs().to_numpy() / den
+        np.testing.assert_allclose(err.loc[g.index, "err_breaking"].to_numpy(), want, rtol=1e-12, atol=0)
+    valid = err[err["valid"]]
+    agg = valid.groupby(["step", "layer", "kind"])["err_breaking"].max()
+    layers = run.layers().set_index(["step", "layer", "kind"])
+    np.testing.assert_allclose(layers.loc[agg.index, "err_breaking_max"].to_numpy(), agg.to_numpy(), rtol=1e-12)
+    # a dead group: its norm collapsing by 1e10 is compared against a millionth of its own largest norm
+    dead = pd.DataFrame({"step": [0, 10, 20], "group": ["d"] * 3, "measured": [1.0, 1e-8, 1e-12],
+                         "predicted_breaking": [1.0, 2e-8, 3e-12], "norm": [1.0, 1e-8, 1e-12]})
+    np.testing.assert_allclose(relative_errors(dead)["err_breaking"].to_numpy(), [0.0, 1e-8 / 1e-6, 2e-12 / 1e-6])
+
+
+def test_hooks_run_single_threaded_and_restore_torch_threads(tmp_path):
+    """On CPU the hooks' reductions run with Tracker.hook_threads torch threads; the caller's setting is restored."""
+    seen = []
+    net = BNNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    tr = Tracker(net, opt, bn_symmetries(net), tmp_path / "run", log_every=2)
+    inner = tr._sums
+    tr._sums = lambda *a, **k: (seen.append(torch.get_num_threads()), inner(*a, **k))[1]  # type: ignore[method-assign]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(net, opt, make_data(), 3)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        tr.close()
+    assert seen and set(seen) == {1}

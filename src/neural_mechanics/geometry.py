@@ -17,10 +17,11 @@ exposes what breaks a symmetry (eval-mode BatchNorm, the BatchNorm eps, a loss w
 
 Design, for models with thousands of groups (vgg16_bn):
 
-* Groups are compiled once into a `GroupIncidence`: per parameter and slicing dim, flat arrays
-  (group id, index along dim, sign). Every per-group reduction sum_{A_i} D_i f is one reduction over
-  the other dims plus one `index_add_`, and every combination sum_i c_i D_i is one `index_add_` plus
-  a broadcast; no Python loop over groups and no dense mask per group.
+* Groups are compiled once into a `GroupIncidence` (symmetry/incidence.py, shared with the tracker):
+  per parameter and slicing key, a table of cells and (cell, group, sign) triples. Every per-group
+  reduction sum_{A_i} D_i f is one reduction per (parameter, key) plus one `index_add_`, and every
+  combination sum_i c_i D_i is one `index_add_` plus a broadcast; no Python loop over groups and no
+  dense mask per group.
 * The gradient constraints of all groups come from one gradient and a few such reductions.
 * The Hessian constraints use Hessian-vector products (torch.func: vjp of grad, i.e. reverse over
   reverse; the vjp closure is built once and reused) and are probed many groups at a time. The
@@ -53,7 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from neural_mechanics.errors import NMechError
-from neural_mechanics.symmetry.groups import Member, Symmetry
+from neural_mechanics.symmetry.groups import Symmetry
+from neural_mechanics.symmetry.incidence import GroupIncidence
 from neural_mechanics.symmetry.kinds import KINDS
 
 NEGLIGIBLE_EPS = 1e-20
@@ -165,159 +167,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def parameter_dict(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in model.named_parameters()}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Compiled incidence: groups -> per-parameter segment reductions
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _SliceEntries:
-    gid: Tensor  # (k,) long: group id
-    idx: Tensor  # (k,) long: index along dim
-    sign: Tensor  # (k,) float: +1 (A, A1) or -1 (A2)
-
-
-@dataclass
-class _ParamEntries:
-    shape: tuple[int, ...]
-    slices: dict[int, _SliceEntries] = field(default_factory=dict)
-    whole: _SliceEntries | None = None  # idx unused
-    flat: _SliceEntries | None = None  # idx = flat index
-
-
-class GroupIncidence:
-    """All groups of a SymmetrySet compiled against concrete parameter shapes.
-
-    Implements, for per-parameter fields f and per-group coefficients c (n groups):
-
-        reduce(f)[i] = sum_{A_i} D_i * f     (D_i = +1 on A / A1, -1 on A2; |D_i| if signed=False)
-        expand(c)    = sum_i c_i D_i         (a dense tensor per touched parameter)
-
-    with set semantics inside a group (a coordinate selected twice by one group counts once), like
-    the reference `Symmetry.masks`. Members of a group that slice one parameter along one dim are
-    merged into one index set; a group that slices one parameter along different dims (rare: tied
-    weights) falls back to a flat index list built from the dense mask.
-    """
-
-    def __init__(self, symmetries: Iterable[Symmetry], params: Mapping[str, Tensor]):
-        self.symmetries: list[Symmetry] = list(symmetries)
-        self.n = len(self.symmetries)
-        device = next(iter(params.values())).device if params else torch.device("cpu")
-        self.device = device
-        self.quadratic = torch.tensor([KINDS[s.kind].quadratic for s in self.symmetries], dtype=torch.bool,
-                                      device=device)
-        raw: dict[str, dict[Any, list[tuple[int, int, float]]]] = {}
-        for gid, sym in enumerate(self.symmetries):
-            by_param: dict[str, list[Member]] = {}
-            for m in sym.members:
-                try:
-                    m.check(params)
-                except ValueError as e:
-                    raise NMechError(
-                        f"symmetry {sym.name!r}: {e}",
-                        "the symmetries must come from this model (re-run find_symmetries on it)",
-                    ) from None
-                by_param.setdefault(m.param, []).append(m)
-            for pname, members in by_param.items():
-                shape = tuple(params[pname].shape)
-                bucket = raw.setdefault(pname, {})
-                whole = [m for m in members if m.dim is None]
-                dims = {m.dim % len(shape) for m in members if m.dim is not None}
-                if whole:
-                    signs = {m.sign for m in whole}
-                    if len(signs) > 1 or any(m.sign not in signs for m in members):
-                        raise NMechError(f"rescale symmetry {sym.name!r}: A1 and A2 overlap in {pname!r}",
-                                         "a coordinate can be in A1 or in A2 of one group, not both")
-                    bucket.setdefault("whole", []).append((gid, 0, whole[0].sign))
-                elif len(dims) == 1:
-                    (dim,) = dims
-                    seen: dict[int, float] = {}
-                    for m in members:
-                        assert m.index is not None
-                        for i in m.index:
-                            if i in seen and seen[i] != m.sign:
-                                raise NMechError(f"rescale symmetry {sym.name!r}: A1 and A2 overlap in {pname!r}",
-                                                 "a coordinate can be in A1 or in A2 of one group, not both")
-                            seen[i] = m.sign
-                    bucket.setdefault(dim, []).extend((gid, i, sg) for i, sg in seen.items())
-                else:
-                    like = params[pname]
-                    pos = torch.zeros(shape, dtype=torch.bool, device=like.device)
-                    neg = torch.zeros_like(pos)
-                    for m in members:
-                        (neg if m.sign < 0 else pos).logical_or_(m.mask(like))
-                    if (pos & neg).any():
-                        raise NMechError(f"rescale symmetry {sym.name!r}: A1 and A2 overlap in {pname!r}",
-                                         "a coordinate can be in A1 or in A2 of one group, not both")
-                    for sel, sg in ((pos, 1.0), (neg, -1.0)):
-                        flat = sel.flatten().nonzero().flatten().tolist()
-                        bucket.setdefault("flat", []).extend((gid, i, sg) for i in flat)
-        self.params: dict[str, _ParamEntries] = {}
-        for pname, bucket in raw.items():
-            entry = _ParamEntries(shape=tuple(params[pname].shape))
-            for key, rows in bucket.items():
-                t = torch.tensor(rows, dtype=torch.float64, device=device).reshape(-1, 3)
-                se = _SliceEntries(gid=t[:, 0].long(), idx=t[:, 1].long(), sign=t[:, 2])
-                if key == "whole":
-                    entry.whole = se
-                elif key == "flat":
-                    entry.flat = se
-                else:
-                    entry.slices[int(key)] = se
-            self.params[pname] = entry
-
-    # -- the two linear maps ------------------------------------------------------------------
-    def reduce(self, fields: Mapping[str, Tensor], signed: bool = True) -> Tensor:
-        """Per group: sum over A_i of D_i * f (signed) or of f (unsigned), as an (n,) float64 tensor."""
-        out = torch.zeros(self.n, dtype=torch.float64, device=self.device)
-        for pname, entry in self.params.items():
-            f = fields.get(pname)
-            if f is None:
-                continue
-            f = f.to(torch.float64)
-            for dim, se in entry.slices.items():
-                others = [d for d in range(f.ndim) if d != dim]
-                red = f.sum(dim=others) if others else f  # no copy, unlike movedim + reshape
-                vals = red[se.idx]
-                out.index_add_(0, se.gid, vals * se.sign if signed else vals)
-            if entry.whole is not None:
-                se = entry.whole
-                total = f.sum().expand(se.gid.shape)
-                out.index_add_(0, se.gid, total * se.sign if signed else total)
-            if entry.flat is not None:
-                se = entry.flat
-                vals = f.reshape(-1)[se.idx]
-                out.index_add_(0, se.gid, vals * se.sign if signed else vals)
-        return out
-
-    def expand(self, coef: Tensor, signed: bool = True, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
-        """Per touched parameter: sum_i coef_i D_i (signed) or sum_i coef_i |D_i| (unsigned)."""
-        coef = coef.to(device=self.device, dtype=torch.float64)
-        out: dict[str, Tensor] = {}
-        for pname, entry in self.params.items():
-            t = torch.zeros(entry.shape, dtype=torch.float64, device=self.device)
-            for dim, se in entry.slices.items():
-                c = coef[se.gid] * se.sign if signed else coef[se.gid]
-                line = torch.zeros(entry.shape[dim], dtype=torch.float64, device=self.device).index_add_(0, se.idx, c)
-                view = [1] * len(entry.shape)
-                view[dim] = entry.shape[dim]
-                t += line.view(view)
-            if entry.whole is not None:
-                se = entry.whole
-                t += (coef[se.gid] * se.sign if signed else coef[se.gid]).sum()
-            if entry.flat is not None:
-                se = entry.flat
-                c = coef[se.gid] * se.sign if signed else coef[se.gid]
-                t.view(-1).index_add_(0, se.idx, c)
-            out[pname] = t.to(dtype)
-        return out
-
-    def sizes(self) -> Tensor:
-        """|A_i|: the number of coordinates of each group."""
-        ones = {p: torch.ones(e.shape, dtype=torch.float64, device=self.device) for p, e in self.params.items()}
-        return self.reduce(ones, signed=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -620,7 +469,7 @@ def check_constraints(
     dot = torch.where(quad, dot_q, dot_t)
     g_norm = inc.reduce(g_sq, signed=False).clamp_min(0).sqrt()
     xi_norm = torch.where(quad, inc.reduce(th_sq, signed=False), inc.sizes()).clamp_min(0).sqrt()
-    z = {k: torch.randn(e.shape, generator=gen, dtype=torch.float64).to(inc.device) for k, e in inc.params.items()}
+    z = {k: torch.randn(e, generator=gen, dtype=torch.float64).to(inc.device) for k, e in inc.shapes.items()}
     z_norm = inc.reduce({k: t.pow(2) for k, t in z.items()}, signed=False).clamp_min(0).sqrt()
     dot_z = inc.reduce({k: g[k] * z[k] for k in z})
     tiny = torch.finfo(torch.float64).tiny

@@ -6,14 +6,22 @@ the training loop does to the gradients before `step()` (global-norm clipping, a
 is what it sees, and it reads lr / momentum / dampening / weight decay from `optimizer.param_groups` at every
 step (any scheduler works).
 
-At the pre hook of step k (theta_k, g_k and torch's momentum buffer b_{k-1} are all in place) it forms, per
-group and without a Python loop over groups (see `reductions.py`), the measured inputs of THEORY.md section 5:
+Per step the tracker reads as little memory as the recurrences allow (THEORY.md section 5 notation):
 
     d = g + lambda theta,   b_k = beta b_{k-1} + (1 - tau) d  (b_0 = d),   u = d | b_k | d + beta b_k
     B_k = <D theta, g>,  U_k = <u, D u>,  V_k = <D u, b_k>,  grad_sq = <g, D g>,  velocity_sq = <b_k, D b_k>
 
-by expanding them into the per-cell sums of at most six elementwise products of (theta, g, b_{k-1})
-(no copy of any parameter or buffer is made), and advances three predictions per group:
+* heavy ball: B_k at the pre hook and U_k = V_k = velocity_sq = <b_k, D b_k> from torch's own updated buffer
+  at the post hook: 2 products per tracked parameter;
+* plain SGD, Nesterov, mixed: B_k, gg = <g, D g> and (with momentum) gb = <g, D b_{k-1}> at the pre hook;
+  everything else is exact algebra on quantities the recurrence already carries (its C_k, P_k = <D theta_k,
+  b_{k-1}> and the previous velocity_sq), see `_derived`: 2 (plain) or 3 (Nesterov) products;
+* translation groups: B_k = <1_A, g> (no product);
+* log steps add <theta, D theta> (the measured charge) and the unsigned norms from the same cells.
+
+Each product is formed once per parameter and reduced onto every slicing key that parameter has, in float32
+within a slice and float64 across slices (`symmetry/incidence.py`, the incidence engine shared with the
+geometry checks); parameters in no group cost nothing. Three predictions per group advance every step:
 `predicted_exact` (the exact recurrence with B = 0: what the symmetry alone implies), `predicted_breaking`
 (the same recurrence fed the measured B_k, i.e. it should match the measurement to float rounding) and
 `predicted_paper` (the continuous model of section 3). Quantities stay on the device in float64; the host
@@ -23,23 +31,25 @@ Groups the recurrence does not apply to are flagged, never silently mispredicted
 with different hyperparameters, a member parameter missing from the optimizer, or a member without a
 gradient in some step (torch then skips it) -> NaN predictions, `valid=False`, and the reason in the
 manifest. For optimizers without exact theory (Adam, AdamW, RMSprop, ...; also SGD with `maximize` is
-handled exactly) the tracker measures the optimizer's own breaking term <D theta_k, u_k> with
-u_k = (theta_k - theta_{k+1}) / eta_k; that needs a copy of every tracked parameter at the pre hook, i.e.
-one extra parameter-sized buffer per tracked parameter (the memory cost of an extra model copy).
+handled exactly) the tracker measures, at log steps, the optimizer's own breaking term <D theta_k, u_k> with
+u_k = (theta_k - theta_{k+1}) / eta_k; that needs a copy of every tracked parameter at the pre hook of a log
+step (the memory cost of an extra model copy, only then).
 
 Rows written for a logged step s: measured charge at theta_s, the predictions for s, `breaking` =
 predicted_breaking - predicted_exact (accumulated effect of breaking), `breaking_term` = B_s (SGD) or
 <D theta_s, u_s> (other optimizers), `angular_update` = |theta_{s+1} - theta_s| / |theta_s| (scale groups),
 `norm` = the denominator of the relative error (|C| for scale, |theta_A1|^2 + |theta_A2|^2 for rescale,
-sum |theta| over the group for translation) and `grad_norm` = |g_A|.
+sum |theta| over the group for translation) and `grad_norm` = |g_A|. The layers frame's err_* columns divide
+by max(norm, RELATIVE_ERROR_FLOOR x the group's largest norm so far), see `relative_errors`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -49,11 +59,11 @@ from torch import Tensor, nn
 
 from neural_mechanics.errors import TrackerError
 from neural_mechanics.symmetry.groups import Symmetry, SymmetrySet
+from neural_mechanics.symmetry.incidence import Factor, GroupIncidence
 from neural_mechanics.symmetry.kinds import KINDS
 from neural_mechanics.theory.continuous import PaperPrediction
 from neural_mechanics.theory.exact import LinearRecurrence, QuadraticRecurrence
 from neural_mechanics.theory.hyper import Hyper
-from neural_mechanics.tracking.reductions import SegmentTable, compile_segments
 from neural_mechanics.tracking.store import RunWriter
 
 STATE_VERSION = 1
@@ -111,16 +121,22 @@ class _Family:
         self.kinds = np.array([s.kind for s in syms], dtype=object)
         self.layers = np.array([s.layer for s in syms], dtype=object)
         self.n = len(syms)
-        self.table: SegmentTable = compile_segments(syms, shapes, device)
+        self.table = GroupIncidence(syms, shapes, device, error=TrackerError)
         self.is_scale = torch.tensor([s.kind == "scale" for s in syms], dtype=torch.bool, device=device)
         self.is_rescale = torch.tensor([s.kind == "rescale" for s in syms], dtype=torch.bool, device=device)
         self.valid = torch.ones(self.n, dtype=torch.bool, device=device)
         self.exact: Any = None
         self.breaking: Any = None
         self.paper: Any = None
-        self.coef_key: Any = None
-        self.coef: dict[str, Tensor] = {}
+        self.vel: Tensor | None = None
+        """<b_{k-1}, D b_{k-1}> per group (carried between steps; None = measure it when next needed)."""
         self.pending: dict[str, Tensor] | None = None
+        self.mode = "general"
+        self.hp: Hyper | None = None
+        self.B: Tensor | None = None
+        self.norm_max = np.zeros(self.n, dtype=np.float64)
+        """Host: largest `norm` logged so far per group (the relative-error floor, `error_denominator`)."""
+        self.pgs: list[int] = []
 
 
 class Tracker:
@@ -136,6 +152,12 @@ class Tracker:
     replaced, see `store.py`) with predictions identical to an uninterrupted run. Under DDP build one Tracker
     per rank on the wrapped model; only rank 0 writes.
     """
+
+    hook_threads: int | None = 1
+    """Torch intra-op threads inside the hooks on CPU (restored after; None = leave torch's setting). The hooks'
+    work is a few dozen memory-bound passes, which gain little from threads; on a machine whose cores are busy
+    every multi-threaded op can wait a whole scheduler slice for its second thread (measured on 2 shared cores:
+    16 ms per op instead of 0.5 ms, a 25x slower tracker), which a single thread never does."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, symmetries: SymmetrySet | Iterable[Symmetry],
                  run_dir: str | os.PathLike[str] | None = None, *, log_every: int = 10, log_spaced: bool = False,
@@ -204,7 +226,7 @@ class Tracker:
                 "optimizer": type(self.optimizer).__name__, "exact_theory": self.exact_theory,
                 "paper_prefactor": self.paper_prefactor,
                 "memory_note": ("no parameter copies (SGD)" if self.exact_theory else
-                                "one copy of every tracked parameter per step (optimizer term)")}
+                                "one copy of every tracked parameter at log steps (optimizer term)")}
 
     def _hyper_summary(self) -> dict[str, Any]:
         groups = []
@@ -241,6 +263,7 @@ class Tracker:
                 for name in dict.fromkeys(m.param for m in s.members):
                     touch.setdefault(name, []).append(gid)
             fam.touch = touch  # type: ignore[attr-defined]
+            fam.pgs = sorted({pg_of[id(self.params[n])] for n in fam.table.params if id(self.params[n]) in pg_of})
 
     def _invalidate(self, fam: _Family, gids: list[int], reason: str) -> None:
         new = [g for g in gids if fam.names[g] not in self.invalid]
@@ -280,100 +303,141 @@ class Tracker:
                     self._invalidate(fam, gids, f"members sit in param groups {list(st)} with different "
                                                 f"{', '.join(diff)} at step {self.step}")
 
-    # ---- per-cell coefficients for U, V (quadratic family) -----------------------------------------
-    def _coefficients(self, fam: _Family, values: list[tuple[Any, ...]]) -> dict[str, Tensor]:
-        state = self.optimizer.state
-        per_param: dict[str, tuple[float, ...]] = {}
-        for name in fam.table.params:
-            p = self.params[name]
-            pgi = self._pg_of.get(id(p))
-            if pgi is None:
-                per_param[name] = (0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-                continue
-            _, beta, tau, lam, nest, maximize = (float(v) if not isinstance(v, Tensor) else float(v.item())
-                                                  for v in values[pgi])
-            has_buf = beta != 0 and state.get(p, {}).get("momentum_buffer") is not None
-            e = (1 - tau) if has_buf else 1.0
-            beta_b = beta if has_buf else 0.0
-            heavy = float(beta != 0 and not nest)
-            nes = float(beta != 0 and bool(nest))
-            per_param[name] = (lam, beta, e, beta_b, heavy, nes, -1.0 if maximize else 1.0)
-        key = tuple(per_param[n] for n in fam.table.params)
-        if key == fam.coef_key:
-            return fam.coef
-        cols: list[list[float]] = [[] for _ in range(7)]
-        for ent in fam.table.entries:
-            vals = per_param[ent.param]
-            for j in range(7):
-                cols[j].extend([vals[j]] * ent.n_cells)
-        names = ("lam", "beta", "e", "beta_b", "heavy", "nest", "gsign")
-        fam.coef = {n: torch.tensor(c, dtype=torch.float64, device=self.device)
-                    for n, c in zip(names, cols, strict=True)}
-        fam.coef["plain"] = 1 - fam.coef["heavy"] - fam.coef["nest"]
-        fam.coef_key = key
-        return fam.coef
-
     # ---- measurement ------------------------------------------------------------------------------
     def _buffer(self, name: str) -> Tensor | None:
         buf = self.optimizer.state.get(self.params[name], {}).get("momentum_buffer")
         return buf if isinstance(buf, Tensor) else None
 
-    def _quad_inputs(self, fam: _Family, values: list[tuple[Any, ...]], log: bool) -> dict[str, Tensor]:
-        """Per group: U, V, B, grad_sq, velocity_sq (+ C, |theta|^2, |g|^2, |u|^2 at log steps), float64 [G]."""
-        co = self._coefficients(fam, values)
-        need_tt = log or any(v[0] != 0 for v in fam.coef_key)
-        need_b = any(v[3] != 0 for v in fam.coef_key)
+    def _mode(self, fam: _Family, values: list[tuple[Any, ...]]) -> str:
+        """'heavy' when every param group of the family has momentum and no Nesterov, else 'general'."""
+        rows = [values[i] for i in fam.pgs]
+        heavy = bool(rows) and all(_num(r[1]) != 0 and not bool(_num(r[4])) for r in rows)
+        return "heavy" if heavy else "general"
 
-        def products(name: str) -> list[Tensor | None]:
+    def _sums(self, fam: _Family, need: list[str], signed: bool = True,
+              unsigned: tuple[str, ...] = ()) -> dict[str, Tensor]:
+        """Per group sum_{A_i} D_i x y for each named quantity, one cell pass per quantity and parameter.
+
+        Names: two letters = a product of t (theta), g (gradient), b (momentum buffer as it is now), e.g.
+        "tg" = <D theta, g>; "t1", "g1", "b1" = the plain sums <D, theta>, <D, g>, <D, b>; "a1" = <D, |theta|>.
+        A missing gradient or buffer counts as 0. `unsigned` names are also summed with |D| ("<name>_abs").
+        """
+        if not need:
+            return {}
+        buffers = {n: self._buffer(n) for n in fam.table.params} if any("b" in q for q in need) else {}
+
+        def factors(name: str) -> list[Factor]:
             p = self.params[name]
             th = p.detach()
-            g = p.grad
-            b = self._buffer(name) if need_b else None
-            if g is None:
-                return [th * th if need_tt else None, None, None, None, None, None]
-            return [th * th if need_tt else None, th * g, g * g,
-                    th * b if b is not None else None, g * b if b is not None else None,
-                    b * b if b is not None else None]
+            vec = {"t": th, "g": p.grad, "b": buffers.get(name)}
+            out: list[Factor] = []
+            for q in need:
+                if q == "t1":
+                    out.append(vec["t"])
+                elif q == "a1":
+                    out.append(th.abs())
+                elif q == "g1":
+                    out.append(vec["g"])
+                elif q == "b1":
+                    out.append(vec["b"])
+                else:
+                    x, y = vec[q[0]], vec[q[1]]
+                    out.append(None if x is None or y is None else (x, y))
+            return out
 
-        raw = fam.table.cells(products, 6, self.device)
-        tt, tg, gg, tb, gb, bb = raw
-        lam, beta, e, beta_b = co["lam"], co["beta"], co["e"], co["beta_b"]
-        tg_e, gb_e = co["gsign"] * tg, co["gsign"] * gb
-        dd = gg + 2 * lam * tg_e + lam * lam * tt
-        db_old = gb_e + lam * tb
-        bbn = beta_b * beta_b * bb + 2 * beta_b * e * db_old + e * e * dd
-        db = beta_b * db_old + e * dd
-        plain, heavy, nest = co["plain"], co["heavy"], co["nest"]
-        U = plain * dd + heavy * bbn + nest * (dd + 2 * beta * db + beta * beta * bbn)
-        V = plain * dd + heavy * bbn + nest * (db + beta * bbn)
-        vel = plain * dd + (heavy + nest) * bbn
-        rows = [U, V, tg, gg, vel, tb]
+        cells = fam.table.cells(factors, len(need))
+        sums = fam.table.segment_sum(cells, signed=signed)
+        res = dict(zip(need, sums, strict=True))
+        if unsigned:
+            idx = [need.index(q) for q in unsigned]
+            uns = fam.table.segment_sum(cells[idx], signed=False)
+            res.update({q + "_abs": uns[i] for i, q in enumerate(unsigned)})
+        return res
+
+    def _quad_pre(self, fam: _Family, values: list[tuple[Any, ...]], measure: bool, log: bool) -> dict[str, Tensor]:
+        """Quadratic family at the pre hook of step k: the products of (theta_k, g_k, b_{k-1}) this step needs.
+
+        Always B = <D theta, g>. Heavy ball measures U = V = <b_k, D b_k> at the post hook instead (2 products
+        per step in all); otherwise (plain SGD, Nesterov, mixed) gg = <g, D g> and, with momentum,
+        gb = <g, D b_{k-1}> (3 products), and the rest follows from the recurrences' own state (`_derived`).
+        At log steps (and the first step) also tt = <theta, D theta> (and |theta_A|^2, |g_A|^2 unsigned).
+        """
+        first = fam.exact is None
+        heavy = fam.mode == "heavy" and self.exact_theory
+        momentum = any(_num(values[i][1]) != 0 for i in fam.pgs)
+        need = ["tg"] if self.exact_theory else []
+        if log or (self.exact_theory and not heavy):
+            need.append("gg")
+        if measure:
+            need.append("tt")
+        if self.exact_theory and not heavy and momentum:
+            need.append("gb")
+        if first:
+            need.append("tb")
+        if first or (self.exact_theory and not heavy and momentum and fam.vel is None):
+            need.append("bb")
+        out = self._sums(fam, need, unsigned=tuple(q for q in ("tt", "gg") if log and q in need))
+        res = {"B": out["tg"]} if "tg" in out else {}
+        if "tt" in out:
+            res["C"] = out["tt"]
         if log:
-            rows.append(tt)
-        sums = fam.table.segment_sum(torch.stack(rows))
-        out = {"U": sums[0], "V": sums[1], "B": sums[2], "grad_sq": sums[3], "velocity_sq": sums[4],
-               "overlap": sums[5]}
+            res["norm2"], res["gnorm2"] = out["tt_abs"], out["gg_abs"]
+        if "tb" in out:
+            res["overlap"] = out["tb"]
+        if "bb" in out and (fam.vel is None or first):
+            fam.vel = out["bb"]
+        for q in ("gg", "gb"):
+            if q in out:
+                res[q] = out[q]
+        return res
+
+    def _derived(self, fam: _Family, hp: Hyper, inp: dict[str, Tensor]) -> None:
+        """U, V, grad_sq, velocity_sq from gg, gb, B and the breaking recurrence's C_k, P_k and carried bb:
+
+            s = -1 under maximize else 1;  dd = <d, D d> = gg + 2 lambda s B + lambda^2 C
+            e = <d, D b_{k-1}> = s gb + lambda P;   db = <d, D b_k> = beta e + (1 - tau) dd  (dd before any buffer)
+            bb = <b_k, D b_k> = beta^2 bb_{k-1} + 2 beta (1 - tau) e + (1 - tau)^2 dd  (dd before any buffer)
+            U = dd | bb | dd + 2 beta db + beta^2 bb,   V = dd | bb | db + beta bb   (plain | heavy ball | Nesterov)
+
+        (C_k and P_k = <D theta_k, b_{k-1}> of the breaking recurrence equal the measured ones to rounding, and
+        they only enter multiplied by lambda, so U and V are the measured ones to rounding.)
+        """
+        rec = fam.breaking
+        C, P, started = rec.charge, rec.overlap, rec.started
+        r = hp.resolved(C)
+        beta, tau, lam = r.momentum, r.dampening, r.weight_decay
+        s = torch.where(r.maximize, -1.0, 1.0).to(C.dtype)
+        dd = inp["gg"] + 2 * lam * s * inp["B"] + lam * lam * C
+        zero = torch.zeros_like(C)
+        e = s * inp.get("gb", zero) + lam * P
+        vel = fam.vel if fam.vel is not None else zero
+        db = torch.where(started, beta * e + (1 - tau) * dd, dd)
+        bb = torch.where(started, beta * beta * vel + 2 * beta * (1 - tau) * e + (1 - tau) ** 2 * dd, dd)
+        buffered = beta != 0
+        nest = r.nesterov & buffered
+        inp["U"] = torch.where(buffered, torch.where(nest, dd + 2 * beta * db + beta * beta * bb, bb), dd)
+        inp["V"] = torch.where(buffered, torch.where(nest, db + beta * bb, bb), dd)
+        inp["grad_sq"], inp["velocity_sq"] = inp["gg"], torch.where(buffered, bb, dd)
+        fam.vel = torch.where(buffered, bb, vel)
+
+    def _lin_pre(self, fam: _Family, measure: bool, log: bool) -> dict[str, Tensor]:
+        """Linear family: B = <1_A, g> every step (+ T, sum |theta|, |g|^2 at log steps; <1_A, b_{-1}> at the first)."""
+        need = ["g1"] if self.exact_theory else []
+        if measure:
+            need.append("t1")
         if log:
-            out["C"] = sums[6]
-            uns = fam.table.segment_sum(torch.stack([tt, gg, U]), signed=False)
-            out["norm2"], out["gnorm2"], out["unorm2"] = uns[0], uns[1], uns[2]
-        return out
-
-    def _lin_inputs(self, fam: _Family, log: bool) -> dict[str, Tensor]:
-        """Per group: B = <1_A, g> (+ T, sum |theta|, |g|^2 at log steps), and <1_A, b_{k-1}>."""
-
-        def products(name: str) -> list[Tensor | None]:
-            p = self.params[name]
-            g = p.grad
-            b = self._buffer(name)
-            th = p.detach()
-            return [g, b, th if log else None, th.abs() if log else None, g * g if (log and g is not None) else None]
-
-        sums = fam.table.group_sums(products, 5, self.device)
-        out = {"B": sums[0], "overlap": sums[1]}
+            need += ["a1", "gg"]
+        if fam.exact is None:
+            need.append("b1")
+        out = self._sums(fam, need)
+        res = {"B": out["g1"]} if "g1" in out else {}
+        if measure:
+            res["C"] = out["t1"]
         if log:
-            out["C"], out["norm2"], out["gnorm2"] = sums[2], sums[3], sums[4]
-        return out
+            res["norm2"], res["gnorm2"] = out["a1"], out["gg"]
+        if "b1" in out:
+            res["overlap"] = out["b1"]
+        return res
 
     def _start(self, fam: _Family, inp: dict[str, Tensor]) -> None:
         """Build the recurrences at the first step from the measured charge (and existing momentum buffers)."""
@@ -389,12 +453,31 @@ class Tracker:
         fam.paper = PaperPrediction(fam.quadratic, C0, prefactor=self.paper_prefactor)  # type: ignore[arg-type]
 
     # ---- hooks ------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """Run the block with `hook_threads` torch threads on CPU (see there), restoring the setting after."""
+        n = torch.get_num_threads()
+        want = self.hook_threads
+        if self.device.type != "cpu" or want is None or want >= n:
+            yield
+            return
+        torch.set_num_threads(want)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        with self._threads(), torch.no_grad():
+            self._pre(optimizer)
+
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        with self._threads(), torch.no_grad():
+            self._post(optimizer)
+
+    def _pre(self, optimizer: torch.optim.Optimizer) -> None:
         k = self.step
         log = self._is_log_step(k) and self.writer is not None
-        first = any(f.exact is None for f in self.families)
-        measure = log or first
         values = self._pg_values()
         # validity: parameters without gradient, hyperparameters that differ inside a group
         for fam in self.families:
@@ -403,31 +486,47 @@ class Tracker:
                     self._invalidate(fam, gids, f"member parameter {name!r} got no gradient at step {k}")
         self._check_consistency(values)
         hps = self._hypers(values)
-        if not self.exact_theory:
-            self._prev = {name: p.detach().clone() for name, p in self.params.items()}
+        self._prev = ({name: p.detach().clone() for name, p in self.params.items()}
+                      if not self.exact_theory and log else {})
         for fam in self.families:
             hp = hps[id(fam)]
-            inp = self._quad_inputs(fam, values, measure) if fam.quadratic else self._lin_inputs(fam, measure)
+            fam.hp, fam.mode = hp, self._mode(fam, values)
+            measure = log or fam.exact is None
+            inp = self._quad_pre(fam, values, measure, log) if fam.quadratic else self._lin_pre(fam, measure, log)
             if fam.exact is None:
                 self._start(fam, inp)
-            fam.pending = None
-            if log:
-                fam.pending = self._row_tensors(fam, inp, hp)
-            if self.exact_theory:
-                if fam.quadratic:
-                    fam.exact.step(hp, inp["U"], inp["V"])
-                    fam.breaking.step(hp, inp["U"], inp["V"], inp["B"])
-                else:
-                    fam.exact.step(hp)
-                    fam.breaking.step(hp, inp["B"])
-                fam.paper.step(hp, inp.get("grad_sq"), inp.get("velocity_sq"))
+            heavy = fam.quadratic and fam.mode == "heavy"
+            if fam.quadratic and self.exact_theory and not heavy:
+                self._derived(fam, hp, inp)
+            fam.pending = self._row_tensors(fam, inp, hp) if log else None
+            fam.B = inp.get("B")
+            if not self.exact_theory:
+                continue
+            if not fam.quadratic:
+                fam.exact.step(hp)
+                fam.breaking.step(hp, inp["B"])
+                fam.paper.step(hp)
+            elif not heavy:
+                self._advance(fam, inp)
         self._log_now = log
 
-    @torch.no_grad()
-    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _advance(self, fam: _Family, inp: Mapping[str, Tensor]) -> None:
+        """Step the three quadratic predictions k -> k+1 with this step's U, V, B (and grad_sq, velocity_sq)."""
+        hp = fam.hp
+        assert hp is not None
+        fam.exact.step(hp, inp["U"], inp["V"])
+        fam.breaking.step(hp, inp["U"], inp["V"], inp["B"])
+        fam.paper.step(hp, inp.get("grad_sq"), inp.get("velocity_sq"))
+
+    def _post(self, optimizer: torch.optim.Optimizer) -> None:
         k = self.step
         if not self.exact_theory:
-            self._optimizer_term(log=self._log_now)
+            if self._log_now:
+                self._optimizer_term()
+        else:
+            for fam in self.families:
+                if fam.quadratic and fam.mode == "heavy":
+                    self._heavy_post(fam)
         if self._log_now:
             self._emit(k)
         self._log_now = False
@@ -436,29 +535,44 @@ class Tracker:
         if self.writer is not None and self.step % self.flush_every == 0:
             self.writer.flush()
 
-    def _optimizer_term(self, log: bool) -> None:
-        """Other optimizers: per group <D theta_k, u_k> with u_k = (theta_k - theta_{k+1}) / eta_k."""
+    def _heavy_post(self, fam: _Family) -> None:
+        """Heavy ball, after torch's step: U_k = V_k = velocity_sq = <b_k, D b_k> from the updated buffers."""
+        assert fam.B is not None and fam.hp is not None
+        bb = self._sums(fam, ["bb"])["bb"]
+        fam.vel = bb
+        self._advance(fam, {"U": bb, "V": bb, "B": fam.B, "velocity_sq": bb})
+        if fam.pending is not None:
+            self._angular(fam, fam.pending, bb, fam.hp)
+
+    def _angular(self, fam: _Family, row: dict[str, Tensor], U: Tensor, hp: Hyper) -> None:
+        """Scale groups: |theta_{k+1} - theta_k| / |theta_k| = eta sqrt(U / C) (D = +1, so U = |u_A|^2)."""
+        lr = torch.as_tensor(hp.lr, dtype=torch.float64, device=self.device).expand(fam.n)
+        ang = lr * torch.sqrt(U / row["measured"].abs().clamp_min(_TINY))
+        row["angular_update"] = torch.where(fam.is_scale, ang, torch.nan)
+
+    def _optimizer_term(self) -> None:
+        """Other optimizers, at log steps: per group <D theta_k, u_k> with u_k = (theta_k - theta_{k+1}) / eta_k."""
         hps = self._hypers(self._pg_values())
         prev = self._prev
         for fam in self.families:
+            if fam.pending is None:
+                continue
+            delta = {name: prev[name] - self.params[name].detach() for name in fam.table.params}
 
-            def products(name: str, fam: _Family = fam) -> list[Tensor | None]:
-                delta = prev[name] - self.params[name].detach()
+            def factors(name: str, fam: _Family = fam, delta: dict[str, Tensor] = delta) -> list[Factor]:
                 if fam.quadratic:
-                    return [prev[name] * delta, delta * delta if log else None]
-                return [delta, None]
+                    return [(prev[name], delta[name]), (delta[name], delta[name])]
+                return [delta[name], None]
 
-            cells = fam.table.cells(products, 2, self.device)
+            cells = fam.table.cells(factors, 2)
             lr = torch.as_tensor(hps[id(fam)].lr, dtype=torch.float64, device=self.device)
             eta = torch.where(lr != 0, lr, torch.full_like(lr, float("nan")))
             term = fam.table.segment_sum(cells[:1])[0] / eta
-            fam.last_term = term  # type: ignore[attr-defined]
-            if log and fam.pending is not None:
-                fam.pending["breaking_term"] = term
-                if fam.quadratic:
-                    d2 = fam.table.segment_sum(cells[1:], signed=False)[0]
-                    ang = torch.sqrt(d2 / fam.pending["measured"].abs().clamp_min(_TINY))
-                    fam.pending["angular_update"] = torch.where(fam.is_scale, ang, torch.nan)
+            fam.pending["breaking_term"] = term
+            if fam.quadratic:
+                d2 = fam.table.segment_sum(cells[1:], signed=False)[0]
+                ang = torch.sqrt(d2 / fam.pending["measured"].abs().clamp_min(_TINY))
+                fam.pending["angular_update"] = torch.where(fam.is_scale, ang, torch.nan)
 
     # ---- rows -------------------------------------------------------------------------------------
     def _row_tensors(self, fam: _Family, inp: dict[str, Tensor], hp: Hyper | None) -> dict[str, Tensor]:
@@ -474,9 +588,8 @@ class Tracker:
                "breaking": pb - pe, "breaking_term": inp["B"] if self.exact_theory else nan, "lr": lr,
                "norm": norm, "grad_norm": torch.sqrt(inp["gnorm2"]) if "gnorm2" in inp else nan,
                "angular_update": nan, "valid": valid.to(torch.float64)}
-        if fam.quadratic and self.exact_theory and "unorm2" in inp and hp is not None:
-            ang = lr * torch.sqrt(inp["unorm2"] / C.abs().clamp_min(_TINY))
-            row["angular_update"] = torch.where(fam.is_scale, ang, nan)
+        if fam.quadratic and self.exact_theory and "U" in inp and hp is not None:
+            self._angular(fam, row, inp["U"], hp)
         return row
 
     def _emit(self, step: int) -> None:
@@ -493,6 +606,8 @@ class Tracker:
             block = torch.stack([fam.pending[c] for c in cols]).cpu().numpy()
             data: dict[str, Any] = {c: block[i] for i, c in enumerate(cols)}
             data["valid"] = data["valid"] > 0.5
+            fam.norm_max = np.fmax(fam.norm_max, np.abs(data["norm"]))
+            data["norm_max"] = fam.norm_max.copy()
             df = pd.DataFrame({"step": np.full(fam.n, step, dtype=np.int64), "group": fam.names, "kind": fam.kinds,
                                "layer": fam.layers, **data})
             frames.append(df)
@@ -500,7 +615,7 @@ class Tracker:
         if not frames:
             return
         df = pd.concat(frames, ignore_index=True)
-        self.writer.append("groups", {c: df[c].to_numpy() for c in df.columns})
+        self.writer.append("groups", {c: df[c].to_numpy() for c in df.columns if c != "norm_max"})
         self.writer.append("layers", _layer_rows(df))
         self._last_logged = step
 
@@ -527,7 +642,7 @@ class Tracker:
         values = self._pg_values()
         hps = self._hypers(values)
         for fam in self.families:
-            inp = self._quad_inputs(fam, values, True) if fam.quadratic else self._lin_inputs(fam, True)
+            inp = self._quad_pre(fam, values, True, True) if fam.quadratic else self._lin_pre(fam, True, True)
             row = self._row_tensors(fam, inp, hps[id(fam)])
             nan = torch.full((fam.n,), float("nan"), dtype=torch.float64, device=self.device)
             row["grad_norm"], row["breaking_term"], row["angular_update"] = nan, nan, nan
@@ -548,6 +663,8 @@ class Tracker:
                 "exact": None if fam.exact is None else _to_cpu(fam.exact.state_dict()),
                 "breaking": None if fam.breaking is None else _to_cpu(fam.breaking.state_dict()),
                 "paper": None if fam.paper is None else _to_cpu(fam.paper.state_dict()),
+                "vel": None if fam.vel is None else fam.vel.detach().cpu().clone(),
+                "norm_max": torch.from_numpy(fam.norm_max.copy()),
             })
         return {"version": STATE_VERSION, "step": self.step, "families": fams, "invalid": dict(self.invalid),
                 "exact_theory": self.exact_theory}
@@ -564,6 +681,10 @@ class Tracker:
         self.step = int(state["step"])
         for fam, fs in zip(self.families, fams, strict=True):
             fam.valid = fs["valid"].to(self.device).clone()
+            vel = fs.get("vel")
+            fam.vel = None if vel is None else vel.to(device=self.device, dtype=torch.float64).clone()
+            if fs.get("norm_max") is not None:
+                fam.norm_max = fs["norm_max"].numpy().astype(np.float64).copy()
             if fs["exact"] is None:
                 fam.exact = fam.breaking = fam.paper = None
                 continue
@@ -618,21 +739,58 @@ class Tracker:
         return open_run(self.writer.dir).frame()
 
 
+def _num(v: Any) -> float:
+    return float(v.item()) if isinstance(v, Tensor) else float(v)
+
+
 def _to_cpu(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in d.items()}
 
 
-def _rel(pred: np.ndarray, meas: np.ndarray, norm: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.abs(pred - meas) / np.maximum(np.abs(norm), _TINY)
+RELATIVE_ERROR_FLOOR = 1e-6
+"""Relative errors divide by max(norm_k, RELATIVE_ERROR_FLOOR * max_{j <= k} norm_j) (j over the group's logged steps).
+
+`norm` is the tracker's column (|C| for scale, |theta_A1|^2 + |theta_A2|^2 for rescale, sum |theta| for translation).
+A group whose charge decays to nothing (a dead ReLU channel under weight decay reaches 1e-25) would otherwise
+report float rounding of its earlier, larger values as a "relative" error of 1e5..1e10; with the floor its
+prediction is still compared absolutely, against a millionth of its own largest size so far. The layers frame,
+`relative_errors` (the report and `max_relative_errors` should use it) and this constant are the one definition.
+"""
+
+PREDICTION_COLUMNS = ("predicted_exact", "predicted_breaking", "predicted_paper")
+
+
+def error_denominator(norm: np.ndarray, norm_max: np.ndarray) -> np.ndarray:
+    """max(|norm|, RELATIVE_ERROR_FLOOR * norm_max, 1e-30), elementwise (norm_max = largest |norm| so far)."""
+    return np.maximum(np.maximum(np.abs(norm), RELATIVE_ERROR_FLOOR * np.abs(norm_max)), _TINY)
+
+
+def relative_errors(frame: pd.DataFrame, columns: tuple[str, ...] = PREDICTION_COLUMNS) -> pd.DataFrame:
+    """A copy of a groups frame with err_<name> = |p - measured| / error_denominator(norm, running max of norm).
+
+    The running max is taken per group over its rows in step order, as the tracker does while logging, so the
+    err_* of this function equal those behind the layers frame.
+    """
+    df = frame.copy()
+    norm = df["norm"].abs().astype(np.float64)
+    order = df.sort_values("step", kind="stable").index
+    running = norm.loc[order].groupby(df.loc[order, "group"]).cummax().reindex(df.index)
+    den = error_denominator(norm.to_numpy(), running.to_numpy())
+    meas = df["measured"].to_numpy()
+    for col in columns:
+        if col in df.columns:
+            with np.errstate(invalid="ignore"):
+                df["err_" + col.removeprefix("predicted_")] = np.abs(df[col].to_numpy() - meas) / den
+    return df
 
 
 def _layer_rows(df: pd.DataFrame) -> dict[str, Any]:
-    """Per (layer, kind) aggregates of one logged step (host side, O(G))."""
-    df = df.assign(err_exact=_rel(df["predicted_exact"].to_numpy(), df["measured"].to_numpy(), df["norm"].to_numpy()),
-                   err_breaking=_rel(df["predicted_breaking"].to_numpy(), df["measured"].to_numpy(),
-                                     df["norm"].to_numpy()),
-                   err_paper=_rel(df["predicted_paper"].to_numpy(), df["measured"].to_numpy(), df["norm"].to_numpy()))
+    """Per (layer, kind) aggregates of one logged step (host side, O(G)); df carries the running `norm_max`."""
+    den = error_denominator(df["norm"].to_numpy(), df["norm_max"].to_numpy())
+    meas = df["measured"].to_numpy()
+    with np.errstate(invalid="ignore"):
+        df = df.assign(**{"err_" + c.removeprefix("predicted_"): np.abs(df[c].to_numpy() - meas) / den
+                          for c in PREDICTION_COLUMNS})
     with np.errstate(invalid="ignore", divide="ignore"):
         eff = df["lr"].to_numpy() / df["measured"].to_numpy()
         df = df.assign(eff_lr=np.where(df["kind"].to_numpy() == "scale", eff, np.nan))
