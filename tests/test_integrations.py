@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from neural_mechanics.errors import TrackerError
 from neural_mechanics.experiments.train import run_training
 from neural_mechanics.tracking.store import open_run
 from test_train import tiny_cfg
@@ -101,8 +100,10 @@ def _fit(L, module, callback, steps: int) -> None:
     trainer.fit(module, loader)
 
 
-def test_lightning_callback_matches_a_plain_loop(tmp_path):
-    L, module = _lightning_module(automatic=False)
+@pytest.mark.parametrize("automatic", [False, True], ids=["manual", "automatic"])
+def test_lightning_callback_matches_a_plain_loop(tmp_path, automatic):
+    """Manual optimization (backward, then step) and automatic optimization (step(closure)) log the same rows."""
+    L, module = _lightning_module(automatic=automatic)
     from neural_mechanics.integrations.lightning import NeuralMechanicsCallback
 
     cb = NeuralMechanicsCallback(tmp_path / "lightning", log_every=1)
@@ -121,20 +122,6 @@ def test_lightning_callback_matches_a_plain_loop(tmp_path):
     assert set(run.metrics()["name"]) == {"loss"}
 
 
-def test_lightning_automatic_optimization_is_refused_with_what_to_do(tmp_path):
-    L, module = _lightning_module(automatic=True)
-    from neural_mechanics.integrations.lightning import NeuralMechanicsCallback
-
-    with pytest.raises(TrackerError, match="automatic optimization") as info:
-        _fit(L, module, NeuralMechanicsCallback(tmp_path / "auto"), steps=2)
-    assert "manual_backward" in (info.value.fix or "")
-    assert not (tmp_path / "auto" / "manifest.json").exists()
-
-
-@pytest.mark.xfail(strict=True, reason="tracker limitation (tracking/tracker.py, not this package's integrations): "
-                   "with optimizer.step(closure) the gradients are computed inside step, after the step pre-hook "
-                   "where the Tracker reads them, so step 0 is flagged 'no gradient' and later steps use stale "
-                   "gradients")
 def test_tracker_with_a_closure_equals_backward_then_step(tmp_path):
     plain = _reference_loop(tmp_path, steps=4)
     closure = _reference_loop(tmp_path, steps=4, use_closure=True)

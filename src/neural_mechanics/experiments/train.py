@@ -358,24 +358,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def max_relative_errors(run_dir: Path) -> dict[str, float]:
-    """Largest relative error of each prediction over all valid groups and logged steps of a run.
-
-    Relative error: |pred - measured| / norm, with the tracker's per-group `norm` column (|C| for scale,
-    |theta_A1|^2 + |theta_A2|^2 for rescale, sum |theta| over the group for translation).
-    """
+    """Largest relative error of each prediction ("exact", "breaking", "paper") over all valid groups and steps,
+    with the tracker's definition (`tracking.tracker.relative_errors`: |pred - measured| / max(norm, 1e-6 x the
+    group's largest norm so far))."""
     from neural_mechanics.tracking.store import open_run
+    from neural_mechanics.tracking.tracker import relative_errors
 
     df = open_run(run_dir).frame()
     if df.empty:
         return {}
-    df = df[df["valid"]] if "valid" in df else df
-    norm = df["norm"].clip(lower=1e-300) if "norm" in df else df["measured"].abs().clip(lower=1e-12)
+    err = relative_errors(df)
+    err = err[err["valid"]] if "valid" in err else err
     out: dict[str, float] = {}
-    for name, col in (("exact", "predicted_exact"), ("breaking", "predicted_breaking"), ("paper", "predicted_paper")):
-        if col in df:
-            rel = ((df[col] - df["measured"]).abs() / norm).dropna()
-            if len(rel):
-                out[name] = float(rel.max())
+    for name in ("exact", "breaking", "paper"):
+        col = f"err_{name}"
+        if col in err and err[col].notna().any():
+            out[name] = float(err[col].max())
     return out
 
 

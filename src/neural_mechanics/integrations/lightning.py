@@ -2,12 +2,10 @@
 
     trainer = lightning.Trainer(callbacks=[NeuralMechanicsCallback("runs/a", example_inputs=x)])
 
-Why only manual optimization: Lightning's automatic optimization calls `optimizer.step(closure)` and runs
-forward + backward *inside* `step`, i.e. after torch's step pre-hooks, where the Tracker measures the
-gradients (it would see the previous step's gradients, or none). With `self.automatic_optimization = False`
-the module calls `self.manual_backward(loss)` and then `opt.step()`, so the hooks see this step's
-gradients, exactly as in a plain loop. The callback refuses automatic optimization with a TrackerError
-saying so (see the tracker limitation in the report / docs/distributed.md), instead of logging garbage.
+Both optimization modes work. Lightning's automatic optimization calls `optimizer.step(closure)` and runs
+forward + backward *inside* `step`; the Tracker's step pre-hook hands `step` a wrapped closure that measures
+right after the gradients exist, so automatic and manual optimization (`self.manual_backward(loss)` then
+`opt.step()`) log the same rows as a plain loop.
 
 Under a DDP strategy every rank builds a Tracker on its own module (identical predictions), and only global
 rank 0 writes the run directory. FSDP / DeepSpeed strategies are refused (`check_not_sharded`).
@@ -56,15 +54,9 @@ class NeuralMechanicsCallback(Callback):
         self.tracker: Any = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        """Check what can be checked before training (optimization mode, sharding) and detect the symmetries."""
+        """Check what can be checked before training (sharding) and detect the symmetries."""
         from neural_mechanics.experiments.train import check_not_sharded
 
-        if getattr(pl_module, "automatic_optimization", False):
-            raise TrackerError(
-                "Lightning's automatic optimization computes the gradients inside optimizer.step(closure), after "
-                "the step pre-hook where the tracker reads them",
-                "set `self.automatic_optimization = False` in the LightningModule and in training_step call "
-                "`opt = self.optimizers(); opt.zero_grad(); self.manual_backward(loss); opt.step()`")
         check_not_sharded(pl_module)
         if self.symmetries is None:
             from neural_mechanics.symmetry.detect import find_symmetries

@@ -262,7 +262,7 @@ def group_errors(groups: pd.DataFrame, columns: tuple[str, ...] = PREDICTIONS, f
                  ) -> pd.DataFrame:
     """Per-row relative error of each prediction column present: `err_<name>` columns added.
 
-        err_k = |p_k - m_k| / max(n_k, floor * max_j n_j)      (j over the group's logged steps)
+        err_k = |p_k - m_k| / max(n_k, floor * max_{j <= k} n_j)      (j over the group's logged steps)
 
     where n_k is the tracker's `norm` column when the frame has one (|C| for scale, |theta_A1|^2 +
     |theta_A2|^2 for rescale, sum |theta_i| for translation; floor defaults to 1e-6) and |m_k| otherwise
@@ -270,8 +270,12 @@ def group_errors(groups: pd.DataFrame, columns: tuple[str, ...] = PREDICTIONS, f
     keeps a group whose charge decays to nothing (a dead ReLU channel under weight decay reaches 1e-25)
     from reporting float rounding of its earlier, larger values as a huge "relative" error.
     """
+    has_norm = "norm" in groups.columns and groups["norm"].notna().any()
+    if has_norm and floor is None:  # the tracker's own definition (running max), so report and layers frame agree
+        from neural_mechanics.tracking.tracker import relative_errors
+
+        return relative_errors(groups, tuple(c for c in columns if c in groups.columns))
     df = groups.copy()
-    has_norm = "norm" in df.columns and df["norm"].notna().any()
     n = (df["norm"] if has_norm else df["measured"]).abs().astype(np.float64)
     f = (1e-6 if has_norm else 1e-3) if floor is None else floor
     scale = f * n.groupby(df["group"]).transform("max")

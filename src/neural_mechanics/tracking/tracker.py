@@ -467,9 +467,34 @@ class Tracker:
         finally:
             torch.set_num_threads(n)
 
-    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        with self._threads(), torch.no_grad():
-            self._pre(optimizer)
+    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        """Measure theta_k and g_k before the update.
+
+        With `optimizer.step(closure)` the gradients do not exist yet when this hook runs: the closure computes
+        them inside `step`. The hook then hands `step` a wrapped closure (step pre-hooks may return new
+        (args, kwargs)) that measures right after the first evaluation, at theta_k - the same moment as
+        backward-then-step. Later evaluations (line searches) are not measured.
+        """
+        # torch passes the bound call's positional args, optimizer first: (optimizer, closure?)
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            with self._threads(), torch.no_grad():
+                self._pre(optimizer)
+            return None
+        measured = False
+
+        def measuring_closure() -> Any:
+            nonlocal measured
+            loss = closure()
+            if not measured:
+                measured = True
+                with self._threads(), torch.no_grad():
+                    self._pre(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": measuring_closure}
+        return (args[0], measuring_closure, *args[2:]), kwargs
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         with self._threads(), torch.no_grad():
