@@ -179,6 +179,8 @@ def _rank_disagreement(state: Mapping[str, Any], device: torch.device) -> float:
     """max over every float entry of the tracker state of (max - min over ranks); NaN entries must be NaN everywhere.
 
     One all-reduce of MAX over the concatenation [v, -v, isnan(v)]: max - min = max(v) + max(-v).
+    `norm_max` (the running maximum behind the relative-error floor) is logging bookkeeping that only the
+    writing rank keeps, so it is left out.
     """
     import torch.distributed as dist
 
@@ -190,7 +192,8 @@ def _rank_disagreement(state: Mapping[str, Any], device: torch.device) -> float:
                 flat.append(obj.detach().reshape(-1).to(torch.float64).cpu())
         elif isinstance(obj, Mapping):
             for k in sorted(obj, key=str):
-                collect(obj[k])
+                if k != "norm_max":
+                    collect(obj[k])
         elif isinstance(obj, list | tuple):
             for v in obj:
                 collect(v)
