@@ -293,10 +293,18 @@ def test_depthwise_and_grouped_convolutions():
                             nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
     x = torch.randn(2, 3, 3, 3)
     s = find_symmetries(grouped, x)
-    # a grouped conv with 4 input channels per group reads a 2-D block per channel (not one slice):
-    # conv 0's neurons are blocked; conv 2's 4 channels -> Linear (rescale 4); translation 36 + 1.
-    assert counts(s) == (37, 0, 4)
-    assert s.meta["blocked_ops"]["aten.conv2d (grouped)"] == 1
+    # a grouped conv with 4 input channels per group reads a 2-D block per channel: input channel
+    # k = 4 g + l is read by weight[2g:2g+2, l] (a Member with a sub restriction). rescale: conv 0's 8
+    # neurons (A2 = that block) + conv 2's 4 channels -> Linear; translation 36 + 1.
+    assert counts(s) == (37, 0, 12)
+    assert "aten.conv2d (grouped)" not in s.meta["blocked_ops"]
+    g = s["rescale:0[6]"]
+    assert g.members[-1] == Member("2.weight", 0, (2, 3), "out", sub_dim=1, sub_index=(2,))
+    assert g.members[-1].to_dict()["sub"] == {"dim": 1, "index": [2]}
+    assert "weight[2:4, 2] of group 1" in "\n".join(g.chain)
+    # the block is exactly 2 rows x 1 column x 1 x 1 of the (4, 4, 1, 1) weight
+    mask = g.members[-1].mask(grouped[2].weight)
+    assert mask.sum() == 2 and mask[2:4, 2].all()
     certify_groups(grouped, s, x)
 
 
@@ -392,12 +400,22 @@ def test_post_norm_transformer_layer():
     m = TinyTransformer()
     x = torch.randint(0, 10, (2, 5))
     s = find_symmetries(m, x)
-    # attention (softmax of q.k) blocks q, k, v; the FFN hidden ReLU gives 16 rescale groups; norm2's affine
+    # attention (softmax of q.k) blocks q and k; given the weights the output is linear in v, so each value
+    # channel (in_proj rows 16:24 + bias) is read by out_proj's column: 8 rescale groups; the FFN hidden ReLU
+    # gives 16 rescale groups; norm2's affine
     # is read by the head through the token mean (8). Two whole-stream groups: (emb columns + pos +
     # out_proj rows, read by in_proj, normalised jointly by norm1) and (norm1 affine + linear2 rows, read by
-    # linear1, normalised by norm2). Translation: head 8 columns + bias.
-    assert counts(s) == (9, 0, 26)
-    assert s.meta["blocked_ops"]["aten.scaled_dot_product_attention"] == 1
+    # linear1, normalised by norm2). Translation: head 8 columns + bias, and the 8 key-bias coordinates
+    # in_proj_bias[8:16] (q . (k_j + b) = q . k_j + q . b is constant over keys j: the softmax ignores it).
+    assert counts(s) == (17, 0, 34)
+    value = s["rescale:enc.self_attn.in_proj_weight[16]"]
+    assert set(value.members) == {Member("enc.self_attn.in_proj_weight", 0, (16,), "in"),
+                                  Member("enc.self_attn.in_proj_bias", 0, (16,), "in"),
+                                  Member("enc.self_attn.out_proj.weight", 1, (0,), "out")}
+    assert any("value channel" in step for step in value.chain)
+    key_bias = [g for g in s.filter("translation") if g.members[0].param == "enc.self_attn.in_proj_bias"]
+    assert [g.members[0].index for g in key_bias] == [(j,) for j in range(8, 16)]
+    assert s.meta["blocked_ops"]["aten.scaled_dot_product_attention (queries, keys)"] == 1
     stream = s["rescale:emb[0]"]
     assert {mm.param for mm in stream.members if mm.role == "in"} == {
         "emb.weight", "pos", "enc.self_attn.out_proj.weight", "enc.self_attn.out_proj.bias"}

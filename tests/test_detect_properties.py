@@ -6,6 +6,8 @@ the comments, and every found group must certify (float64, relative change <= 1e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,7 +18,7 @@ from test_detect_support import certify_groups
 
 torch.set_num_threads(1)
 
-ACTS = {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(0.2), "tanh": nn.Tanh}
+ACTS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(0.2), "tanh": nn.Tanh}
 HOMOGENEOUS = {"relu", "leaky"}
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

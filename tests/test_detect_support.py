@@ -25,7 +25,7 @@ def float64_copy(model: nn.Module) -> nn.Module:
     m = copy.deepcopy(model).double()
     for mod in m.modules():
         if hasattr(mod, "eps") and isinstance(mod.eps, float):
-            mod.eps = 1e-30
+            setattr(mod, "eps", 1e-30)  # noqa: B010 (mypy: eps is not a declared attribute of Module)
     return m
 
 

@@ -114,7 +114,7 @@ def symmetries(
             raise NMechError(f"no symmetry named {explain!r} in {model}",
                              "names are listed by `nmech symmetries MODEL --json`"
                              + (f"; similar: {', '.join(close)}" if close else ""))
-        console.print(found[explain].details())
+        console.print(found[explain].details(), markup=False, highlight=False)
         return
     _print_symmetry_table(found, title=f"{model} ({resolved.description}), input {tuple(inputs.shape)}")
     if certify_groups and len(found):

@@ -36,7 +36,7 @@ from neural_mechanics.symmetry.rules import (
     opname,
     run_rules,
 )
-from neural_mechanics.symmetry.translation import find_translation_sites
+from neural_mechanics.symmetry.translation import find_key_bias_sites, find_translation_sites
 
 MAX_CHAIN = 40
 
@@ -53,9 +53,21 @@ def _key(param: str) -> str:
 
 
 def _members(contribs: Iterable[Contribution]) -> tuple[Member, ...]:
-    """Merge contributions into one Member per (param, dim, role); a whole-tensor member absorbs slices."""
+    """Merge contributions into one Member per (param, dim, role); a whole-tensor member absorbs slices.
+
+    Block contributions (grouped convolutions: `param[rows][sub]`) merge per (param, role, rows, sub dim)
+    into one Member with the union of their sub indices; a whole-tensor member absorbs them too.
+    """
+    contribs = list(contribs)
+    if len({(c.param, c.role) for c in contribs}) == len(contribs) and all(
+            c.sub is None and (c.index is None or len(c.index) == 1) for c in contribs):
+        return tuple(Member(c.param, c.dim, c.index, c.role) for c in contribs)  # one slice per param: as is
     merged: dict[tuple[str, Role], dict[int | None, set[int]]] = defaultdict(dict)
+    blocks: dict[tuple[str, Role, int, tuple[int, ...], int], set[int]] = {}
     for c in contribs:
+        if c.sub is not None and c.dim is not None and c.index is not None:
+            blocks.setdefault((c.param, c.role, c.dim, c.index, c.sub[0]), set()).update(c.sub[1])
+            continue
         per_dim = merged[(c.param, c.role)]
         per_dim.setdefault(c.dim, set()).update(c.index or ())
     out = []
@@ -65,22 +77,34 @@ def _members(contribs: Iterable[Contribution]) -> tuple[Member, ...]:
             continue
         ((dim, idx),) = per_dim.items()
         out.append(Member(param, dim, tuple(sorted(idx)), role))
+    whole = {(m.param, m.role) for m in out if m.dim is None}
+    for (param, role, dim, rows, sub_dim), sub in blocks.items():
+        if (param, role) not in whole:
+            out.append(Member(param, dim, rows, role, sub_dim, tuple(sorted(sub))))
     return tuple(out)
 
 
+def _fill(template: str, ix: list[int]) -> str:
+    if "{idx}" not in template:
+        return template
+    if not ix:
+        return template.replace("{idx}", "all")
+    return template.replace("{idx}", str(ix[0]) if len(ix) == 1 else _short_index(tuple(sorted(set(ix)))))
+
+
 def _chain(contribs: list[Contribution], extra: list[str]) -> tuple[str, ...]:
-    """Merge the contributions' event templates ("{idx}" -> merged indices) into readable lines."""
+    """Merge the contributions' event templates ("{idx}" -> merged indices) into readable lines.
+
+    Writers first, then what ties the class together (residual additions, concatenations, normalisers),
+    then the readers.
+    """
     lines: dict[str, list[int]] = {}
-    for c in contribs:
-        if c.role == "in":
-            lines.setdefault(c.event, []).extend(c.index or ())
-    steps = [t.replace("{idx}", _short_index(tuple(sorted(set(ix)))) if ix else "all") for t, ix in lines.items()]
-    steps += list(dict.fromkeys(extra))
     readers: dict[str, list[int]] = {}
     for c in contribs:
-        if c.role == "out":
-            readers.setdefault(c.event, []).extend(c.index or ())
-    steps += [t.replace("{idx}", _short_index(tuple(sorted(set(ix)))) if ix else "all") for t, ix in readers.items()]
+        (lines if c.role == "in" else readers).setdefault(c.event, []).extend(c.index or ())
+    steps = [_fill(t, ix) for t, ix in lines.items()]
+    steps += list(dict.fromkeys(extra))
+    steps += [_fill(t, ix) for t, ix in readers.items()]
     if len(steps) > MAX_CHAIN:
         steps = [*steps[:MAX_CHAIN], f"... ({len(steps) - MAX_CHAIN} more steps)"]
     return tuple(steps)
@@ -101,6 +125,7 @@ def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
         couplings[uf.find(s)].append(text)
 
     groups: list[Symmetry] = []
+    used: set[str] = set()
     unused = 0
     overlaps: list[str] = []
     for r, contribs in by_root.items():
@@ -110,7 +135,12 @@ def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
             continue
         first = writers[0]
         idx = "*" if first.index is None else str(first.index[0])
+        if first.sub is not None:  # a block (grouped transposed conv): name it by both restrictions
+            idx = f"{_short_index(first.index)};{_short_index(first.sub[1])}"
         stem = f"{_key(first.param)}[{idx}]"
+        if stem in used:
+            stem = f"{stem}#{sum(1 for u in used if u.startswith(stem))}"
+        used.add(stem)
         if {c.param for c in writers} & {c.param for c in readers}:
             overlaps.append(stem)
             continue
@@ -123,7 +153,7 @@ def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
             continue
         members = _members(writers) + _members(readers)
         if kind == "scale":
-            members = tuple(Member(m.param, m.dim, m.index, None) for m in members)
+            members = tuple(Member(m.param, m.dim, m.index, None, m.sub_dim, m.sub_index) for m in members)
         groups.append(Symmetry(
             kind=kind,
             name=f"{kind}:{stem}",
@@ -150,6 +180,11 @@ def _translation_groups(a: Analysis) -> list[Symmetry]:
         if site.bias is not None:
             groups.append(Symmetry("translation", f"translation:{site.bias}", (Member(site.bias),),
                                    module_of(site.bias), chain))
+    for kb in find_key_bias_sites(a):
+        layer = module_of(kb.bias)
+        for j in kb.coords:
+            groups.append(Symmetry("translation", f"translation:{kb.bias}[{j}]", (Member(kb.bias, 0, (j,)),),
+                                   layer, kb.path))
     return groups
 
 

@@ -10,6 +10,11 @@ sign +1) and A2 ("out", sign -1) of a rescale group. A `Symmetry` is a kind plus
 
 (`layer` and `chain` are extensions; readers must ignore keys they do not know.)
 
+A member may carry a second restriction, `sub_dim`/`sub_index` (JSON key `"sub": {"dim": 1, "index":
+[2]}`, written only when set), selecting the block `param[index along dim] & [sub_index along sub_dim]`.
+Grouped convolutions need it: input channel k = g * (C_in / groups) + l of a conv with groups > 1 is
+read by `weight[o in group g, l, :, :]`, a 2-D block that one (dim, index) cannot express.
+
 The action, generator and charge here are the single reference implementation used by
 certification, constraint checks and the brute-force tracker: they are written for clarity
 (dense masks), not speed. The streaming tracker compiles groups into segment reductions instead.
@@ -40,6 +45,9 @@ class Member:
     dim: int | None = None
     index: tuple[int, ...] | None = None
     role: Role | None = None
+    sub_dim: int | None = None
+    """Optional second restriction (a block): also `index_select(sub_dim, sub_index)`; needs `dim`."""
+    sub_index: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.dim is None) != (self.index is None):
@@ -48,6 +56,16 @@ class Member:
             object.__setattr__(self, "index", tuple(int(i) for i in self.index))
         if self.role not in (None, "in", "out"):
             raise ValueError(f"member of {self.param!r}: role must be 'in', 'out' or null, got {self.role!r}")
+        if (self.sub_dim is None) != (self.sub_index is None):
+            raise ValueError(f"member of {self.param!r}: sub_dim and sub_index must both be set or both be null")
+        if self.sub_index is not None:
+            if self.dim is None:
+                raise ValueError(f"member of {self.param!r}: a sub restriction needs dim/index as well")
+            if not isinstance(self.sub_index, tuple):
+                object.__setattr__(self, "sub_index", tuple(int(i) for i in self.sub_index))
+
+    def _sub_dim(self, ndim: int) -> int | None:
+        return None if self.sub_dim is None else self.sub_dim % ndim
 
     @property
     def sign(self) -> float:
@@ -63,13 +81,29 @@ class Member:
         assert self.index is not None
         idx = torch.tensor(self.index, dtype=torch.long, device=like.device)
         m.index_fill_(self.dim, idx, True)
+        sub = self._sub_dim(like.ndim)
+        if sub is not None:
+            assert self.sub_index is not None
+            keep = torch.zeros(like.shape[sub], dtype=torch.bool, device=like.device)
+            keep[torch.tensor(self.sub_index, dtype=torch.long, device=like.device)] = True
+            view = [1] * like.ndim
+            view[sub] = like.shape[sub]
+            m &= keep.view(view)
         return m
 
     def numel(self, like: Tensor) -> int:
+        """Number of selected coordinates (an index listed twice counts once)."""
         if self.dim is None:
             return like.numel()
         assert self.index is not None
-        return like.numel() // like.shape[self.dim] * len(set(self.index))
+        n = like.numel() // like.shape[self.dim] * len(set(self.index))
+        sub = self._sub_dim(like.ndim)
+        if sub is not None and sub != self.dim % like.ndim:
+            assert self.sub_index is not None
+            n = n // like.shape[sub] * len(set(self.sub_index))
+        elif sub is not None:
+            n = like.numel() // like.shape[sub] * len(set(self.index) & set(self.sub_index or ()))
+        return n
 
     def check(self, params: Params) -> None:
         """Raise a ValueError that says what is wrong if this member does not fit `params`."""
@@ -84,27 +118,46 @@ class Member:
         bad = [i for i in self.index if not 0 <= i < t.shape[self.dim]]
         if bad:
             raise ValueError(f"member of {self.param!r}: index {bad[:5]} out of range along dim {self.dim}")
+        if self.sub_dim is None:
+            return
+        if not -t.ndim <= self.sub_dim < t.ndim:
+            raise ValueError(f"member of {self.param!r}: sub dim {self.sub_dim} out of range for shape "
+                             f"{tuple(t.shape)}")
+        assert self.sub_index is not None
+        bad = [i for i in self.sub_index if not 0 <= i < t.shape[self.sub_dim]]
+        if bad:
+            raise ValueError(f"member of {self.param!r}: sub index {bad[:5]} out of range along dim {self.sub_dim}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The JSON contract {"param", "dim", "index", "role"}, plus "sub": {"dim", "index"} for a block."""
+        d: dict[str, Any] = {
             "param": self.param,
             "dim": self.dim,
             "index": None if self.index is None else list(self.index),
             "role": self.role,
         }
+        if self.sub_dim is not None:
+            d["sub"] = {"dim": self.sub_dim, "index": list(self.sub_index or ())}
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Member:
         index = d.get("index")
+        sub = d.get("sub") or None
         return cls(
             param=str(d["param"]),
             dim=None if d.get("dim") is None else int(d["dim"]),
             index=None if index is None else tuple(int(i) for i in index),
             role=d.get("role"),
+            sub_dim=None if sub is None else int(sub["dim"]),
+            sub_index=None if sub is None else tuple(int(i) for i in sub["index"]),
         )
 
     def describe(self) -> str:
-        sel = "" if self.dim is None else f"[dim {self.dim}: {_short_index(self.index)}]"
+        sel = "" if self.dim is None else f"[dim {self.dim}: {_short_index(self.index)}"
+        if self.sub_dim is not None:
+            sel += f"; dim {self.sub_dim}: {_short_index(self.sub_index)}"
+        sel += "" if self.dim is None else "]"
         role = "" if self.role is None else f" ({'A1' if self.role == 'in' else 'A2'})"
         return f"{self.param}{sel}{role}"
 

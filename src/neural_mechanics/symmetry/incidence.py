@@ -15,6 +15,9 @@ quantity; instead the groups are compiled once into an incidence table over *cel
   along d), and a group whose members slice one parameter along several dims (d1, d2, ...) gets key
   (d1, d2, ...) with one cell per entry of the joint table (the union of its members depends only on
   those coordinates);
+* a member with a second restriction (`Member.sub_dim`, the blocks `weight[rows of group g, l]` of
+  grouped convolutions) adds its sub dim to the key and marks exactly its block's cells
+  (`triples_block`);
 * the table lists triples (cell, group, sign) with sign = D on that cell.
 
 Then reduce is "sum each field onto its cells, one `index_add_` for all groups", and expand is "one
@@ -285,6 +288,9 @@ def _compile(symmetries: Sequence[Symmetry], shapes: Mapping[str, tuple[int, ...
                     if bad:
                         raise error(f"symmetry {sym.name!r}: index {bad[:5]} out of range for {pname!r} "
                                     f"of shape {shape} along dim {m.dim}", "fix or re-detect the symmetry set")
+            if any(m.sub_dim is not None for m in members) and all(m.dim is not None for m in members):
+                triples_block(triples, sym, gid, pname, shape, members, error)
+                continue
             signs = {m.sign for m in members}
             dims = {None if m.dim is None else _norm_dim(m.dim, ndim) for m in members}
             if None in dims or len(dims) > 1:
@@ -314,3 +320,47 @@ def _compile(symmetries: Sequence[Symmetry], shapes: Mapping[str, tuple[int, ...
                         raise error(f"rescale symmetry {sym.name!r}: A1 and A2 overlap in {pname!r}", overlap_fix)
             triples.setdefault((pname, (d,)), []).extend((i, gid, s) for i, s in sorted(owner.items()))
     return triples
+
+
+def triples_block(triples: dict[tuple[str, Key], list[tuple[int, int, float]]], sym: Symmetry, gid: int, pname: str,
+                  shape: tuple[int, ...], members: Sequence, error: type[NMechError]) -> None:
+    """Members with a second restriction (`Member.sub_dim`: the blocks of grouped convolutions).
+
+    The key is the union of every member's dims and sub dims; each member marks the cells of its block
+    (index along dim x sub_index along sub_dim, everything along the key's other dims), so a cell belongs to
+    the group exactly when `Symmetry.masks()` selects the entries it stands for; A1 and A2 may not share one.
+    """
+    ndim = len(shape)
+    dims: set[int] = set()
+    for m in members:
+        dims.add(_norm_dim(m.dim, ndim))
+        if m.sub_dim is not None:
+            if not -ndim <= m.sub_dim < ndim:
+                raise error(f"symmetry {sym.name!r}: sub dim {m.sub_dim} out of range for {pname!r} of shape {shape}",
+                            "fix or re-detect the symmetry set")
+            sd = _norm_dim(m.sub_dim, ndim)
+            bad = [i for i in (m.sub_index or ()) if not 0 <= i < shape[sd]]
+            if bad:
+                raise error(f"symmetry {sym.name!r}: sub index {bad[:5]} out of range for {pname!r} of shape {shape} "
+                            f"along dim {m.sub_dim}", "fix or re-detect the symmetry set")
+            dims.add(sd)
+    key = tuple(sorted(dims))
+    table = torch.zeros([shape[d] for d in key], dtype=torch.int8)
+    for m in members:
+        mask = torch.zeros(table.shape, dtype=torch.bool)
+        pos = key.index(_norm_dim(m.dim, ndim))
+        mask.index_fill_(pos, torch.tensor(sorted(set(m.index)), dtype=torch.long), True)
+        if m.sub_dim is not None:
+            keep = torch.zeros(table.shape, dtype=torch.bool)
+            keep.index_fill_(key.index(_norm_dim(m.sub_dim, ndim)),
+                             torch.tensor(sorted(set(m.sub_index)), dtype=torch.long), True)
+            mask &= keep
+        sign = int(m.sign)
+        if bool((table[mask] == -sign).any()):
+            raise error(f"rescale symmetry {sym.name!r}: A1 and A2 overlap in {pname!r}",
+                        "a coordinate can be in A1 or in A2 of one group, not both")
+        table[mask] = sign
+    flat = table.reshape(-1)
+    cells = flat.nonzero().flatten()
+    triples.setdefault((pname, key), []).extend(
+        (c, gid, float(v)) for c, v in zip(cells.tolist(), flat[cells].tolist(), strict=True))

@@ -51,6 +51,7 @@ from neural_mechanics.symmetry.graph import (
     union_pairs,
     zero_label,
 )
+from neural_mechanics.symmetry.groups import _short_index
 
 Role = Literal["in", "out"]
 Labels = Any  # Tensor | list[Tensor] | None
@@ -67,6 +68,8 @@ class Contribution:
     role: Role
     event: str
     """Template for `Symmetry.chain`; "{idx}" is replaced by the merged indices."""
+    sub: tuple[int, tuple[int, ...]] | None = None
+    """Optional second restriction (dim, index): the slice is the block `param[index on dim][sub]`."""
 
 
 @dataclass
@@ -86,6 +89,10 @@ class Analysis:
     env: dict[Node, Labels] = field(default_factory=dict)
     dead: list[Node] = field(default_factory=list)
     """Ops whose value never reaches the output nor Python (an unused branch)."""
+    weight_norms: dict[Node, tuple[str, str, int]] = field(default_factory=dict)
+    """`_weight_norm` node -> (v name, g name, dim)."""
+    scale_chains: dict[Node, Any] = field(default_factory=dict)
+    """End of a parameter's reshape chain -> (parameter node, chain) for `gamma.view(...) * x`."""
 
     # ---- parameters --------------------------------------------------------------------------
     def param_name(self, arg: Any) -> str | None:
@@ -255,8 +262,85 @@ def h_pass_through(a: Analysis, node: Node) -> Labels:
     return fit(a.lab(node.args[0]), ndim_of(node))
 
 
+CONCATS = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
+SINGLE_SOURCE_MAPS = INDEX_MAPS - {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "pad",
+                                   "constant_pad_nd", "im2col"}
+"""Index maps whose output entries are all entries of their one tensor input (no padding, no other inputs)."""
+DIM_ONLY = {"permute", "transpose", "t", "unsqueeze", "movedim", "moveaxis", "swapaxes", "swapdims"}
+RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as"}
+
+
+def _reshape_labels(lab: Tensor, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Tensor:
+    """Row-major reshape of compressed labels, expanding only the part that the reshape rearranges.
+
+    With a prefix of k input dims and m output dims of equal product along which the labels are constant,
+    out[p, r'] = in[p, r] with the same map r -> r' for every prefix p: only the rest is replayed.
+    """
+    k = m = 0
+    pin = pout = 1
+    best = (0, 0)
+    while k <= len(in_shape) and m <= len(out_shape):
+        if pin == pout and all(lab.shape[d] == 1 for d in range(k)):
+            best = (k, m)
+        if pin <= pout and k < len(in_shape):
+            if lab.shape[k] != 1:
+                break
+            pin *= in_shape[k]
+            k += 1
+        elif m < len(out_shape):
+            pout *= out_shape[m]
+            m += 1
+        else:
+            break
+    k, m = best
+    rest = lab[(0,) * k] if k else lab
+    rest = rest.expand(in_shape[k:]).reshape(out_shape[m:])
+    return compress(rest.reshape((1,) * m + tuple(out_shape[m:])))
+
+
+def _fast_index_map(a: Analysis, node: Node) -> Labels | None:
+    """Index maps applied to the compressed labels directly (None: replay on the expanded labels)."""
+    op = base_op(node)
+    x = node.args[0] if node.args else None
+    if not isinstance(x, Node) or op not in SINGLE_SOURCE_MAPS or not isinstance(x.meta.get("val"), Tensor):
+        return None
+    in_shape = shape_of(x)
+    out = node.meta.get("val")
+    if not in_shape or any(s == 0 for s in in_shape):
+        return None
+    lab = a.lab(x, len(in_shape))
+    if lab.numel() == 1:  # one label everywhere: any rearrangement keeps it
+        if isinstance(out, Tensor):
+            return lab.reshape((1,) * out.ndim)
+        if isinstance(out, (list, tuple)) and all(isinstance(o, Tensor) for o in out):
+            return [lab.reshape((1,) * o.ndim) for o in out]
+        return None
+    if not isinstance(out, Tensor) or any(s == 0 for s in out.shape):
+        return None
+    if op in DIM_ONLY:
+        return node.target(lab, *node.args[1:], **node.kwargs)  # type: ignore[operator]
+    if op in RESHAPES:
+        return _reshape_labels(lab, in_shape, tuple(int(s) for s in out.shape))
+    if op == "expand":
+        return fit(lab, out.ndim)
+    if op == "select":
+        dim, i = int(node.args[1]) % len(in_shape), int(node.args[2])  # type: ignore[arg-type]
+        return compress(lab.select(dim, 0 if lab.shape[dim] == 1 else i))
+    if op == "squeeze":
+        dims = arg(node, 1, "dim", None)
+        dims = range(len(in_shape)) if dims is None else [dims] if isinstance(dims, int) else dims
+        drop = sorted({d % len(in_shape) for d in dims if in_shape[d % len(in_shape)] == 1}, reverse=True)
+        for d in drop:
+            lab = lab.squeeze(d)
+        return lab
+    return None
+
+
 def h_index_map(a: Analysis, node: Node) -> Labels:
     """Replay the op on float64 label tensors expanded to the real shapes (exact for ids < 2**53)."""
+    fast = _fast_index_map(a, node)
+    if fast is not None:
+        return fast
     op = base_op(node)
     args = list(node.args)
     kwargs = dict(node.kwargs)
@@ -289,7 +373,13 @@ def h_index_map(a: Analysis, node: Node) -> Labels:
         out = node.target(*[sub(x) for x in args], **{k: sub(v) for k, v in kwargs.items()})  # type: ignore[operator]
     except Exception:
         return a.barrier(node)
-    return _to_labels(out)
+    labels = _to_labels(out)
+    if op in CONCATS and isinstance(labels, Tensor):
+        dim = arg(node, 1, "dim", 0)
+        text = f"{opname(node)} ({node.name}) concatenates {len(node.args[0])} inputs along dim {dim}"  # type: ignore[arg-type]
+        for slot in slots_in(labels):
+            a.couplings.append((slot, text))
+    return labels
 
 
 def _to_labels(out: Any) -> Labels:
@@ -355,8 +445,9 @@ def h_add(a: Analysis, node: Node) -> Labels:
             taint(a.uf, lab)
         return lab
     lx, ly = a.lab(x, nd), a.lab(y, nd)
+    text = f"{opname(node)} ({node.name}) sums two branches channel by channel"
     for s, _t in union_pairs(a.uf, lx, ly):
-        a.couplings.append((s, f"{opname(node)} ({node.name}) sums two branches channel by channel"))
+        a.couplings.append((s, text))
     lx2, ly2 = torch.broadcast_tensors(lx, ly)
     return compress(torch.where(lx2 >= 0, lx2, ly2))
 
@@ -381,6 +472,12 @@ def h_mul(a: Analysis, node: Node) -> Labels:
         return a.lab(y, nd) if op == "mul" else a.barrier(node)
     if op == "mul":
         for p, other in ((y, x), (x, y)):
+            if p in a.scale_chains and p is not other:  # gamma.view(...) * x
+                pnode, chain = a.scale_chains[p]
+                pname = a.cap.params[pnode]
+                if a.usable(pname):
+                    return _layer_scale(a, node, pnode, pname, other, _replay_chain(pnode, chain), chain)
+                return a.lab(other, nd)
             name = a.param_name(p)
             if name is not None and p not in a.env and p is not other:
                 if a.usable(name):
@@ -394,8 +491,52 @@ def h_mul(a: Analysis, node: Node) -> Labels:
     return a.barrier(node)
 
 
-def _layer_scale(a: Analysis, node: Node, p: Node, name: str, x: Node) -> Labels:
-    """out = p * x: p[i] reads every slot it multiplies (united) and writes a fresh slot i."""
+CHAIN_OPS = {"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "expand", "permute", "transpose", "flatten",
+             "unflatten", "contiguous", "clone", "alias", "view_as", "reshape_as", "movedim"}
+"""Single-input rearrangements a parameter may pass through on its way to a layer-scale product."""
+
+
+def find_scale_chains(graph: torch.fx.Graph, params: dict[Node, str], live_nodes: set[Node]) -> dict[Node, Any]:
+    """Parameters reshaped before a product (`gamma.view(-1, 1, 1) * x`): chain end -> (param, chain nodes).
+
+    The parameter and every node of the chain must have exactly one live use, and the chain must end in a
+    `mul`: then the product is a layer scale of the parameter's elements (see `_layer_scale`).
+    """
+    out: dict[Node, Any] = {}
+    for pnode in params:
+        cur: Node = pnode
+        chain: list[Node] = []
+        while True:
+            users = [u for u in cur.users if u in live_nodes]
+            if len(users) != 1 or users[0].op != "call_function":
+                break
+            u = users[0]
+            if base_op(u) in CHAIN_OPS and u.args and u.args[0] is cur:
+                chain.append(u)
+                cur = u
+                continue
+            if base_op(u) == "mul" and chain:
+                out[chain[-1]] = (pnode, chain)
+            break
+    return out
+
+
+def _replay_chain(pnode: Node, chain: list[Node]) -> Tensor:
+    """Element numbers of the parameter (row-major) carried through the chain's rearrangements."""
+    shape = shape_of(pnode)
+    t = torch.arange(int(torch.tensor(shape).prod()) if shape else 1, dtype=torch.float64).view(shape)
+    for c in chain:
+        t = c.target(t, *c.args[1:], **c.kwargs)  # type: ignore[operator]
+    return compress(t.to(torch.long))
+
+
+def _layer_scale(a: Analysis, node: Node, p: Node, name: str, x: Node, elems: Tensor | None = None,
+                 chain: list[Node] | None = None) -> Labels:
+    """out = p * x: p[i] reads every slot it multiplies (united) and writes a fresh slot i.
+
+    `elems` (a reshaped parameter): the parameter element multiplying each position, row-major; element e
+    belongs to slice i = (e // stride_d) % size_d along the parameter's last dimension d of size > 1.
+    """
     nd = ndim_of(node)
     pshape = shape_of(p)
     dims = [d for d, s in enumerate(pshape) if s > 1]
@@ -406,20 +547,28 @@ def _layer_scale(a: Analysis, node: Node, p: Node, name: str, x: Node) -> Labels
     else:
         d = dims[-1]
         n = pshape[d]
-        view = [1] * len(pshape)
-        view[d] = n
-        idx = fit(torch.arange(n).view(view), nd)
+        if elems is not None:
+            stride = int(torch.tensor(pshape[d + 1 :]).prod()) if d + 1 < len(pshape) else 1
+            idx = fit((elems // stride) % n, nd)
+        else:
+            view = [1] * len(pshape)
+            view[d] = n
+            idx = fit(torch.arange(n).view(view), nd)
     lx = a.lab(x, nd)
     lx2, idx2 = torch.broadcast_tensors(lx, idx)
+    pairs = torch.unique(torch.stack([idx2.reshape(-1), lx2.reshape(-1)], 1), dim=0).tolist()
+    read: dict[int, list[int]] = {}
+    for i, lab in pairs:
+        read.setdefault(int(i), []).append(int(lab))
     base = a.uf.new(n)
+    how = f"{opname(node)} by {name}" + (f" (through {', '.join(opname(c) for c in chain)})" if chain else "")
+    reads, writes = f"{layer}: {how} reads {{idx}}", f"{layer}: {how} writes {{idx}}"
     for i in range(n):
-        rep = a.uf.union_all(set(lx2[idx2 == i].tolist()))
+        rep = a.uf.union_all(read.get(i, ()))
         member = (d, None if d is None else (i,))
         if rep is not None and rep > 0:
-            a.contributions.append(Contribution(rep, name, member[0], member[1], "out",
-                                                f"{layer}: {opname(node)} by {name} reads {{idx}}"))
-        a.contributions.append(Contribution(base + i, name, member[0], member[1], "in",
-                                            f"{layer}: {opname(node)} by {name} writes {{idx}}"))
+            a.contributions.append(Contribution(rep, name, member[0], member[1], "out", reads))
+        a.contributions.append(Contribution(base + i, name, member[0], member[1], "in", writes))
     a.env[p] = invariant_label(len(pshape))
     return base + idx
 
@@ -431,10 +580,54 @@ def _weight_bias(a: Analysis, node: Node, w: Any, b: Any) -> tuple[str | None, b
     return wname, w_ok, bname, b_ok
 
 
+def h_weight_norm(a: Analysis, node: Node) -> Labels:
+    """w = g v / |v| (norm over every dim but `dim`): each slice v[c] is normalised, so it is scale-invariant.
+
+    The weight itself is recorded for the Linear/Conv that uses it (`_weight_norm_layer`): g[c] writes
+    output channel c there.
+    """
+    v, g = node.args[0], node.args[1]
+    dim = int(arg(node, 2, "dim", 0))
+    vname, gname = a.param_name(v), a.param_name(g)
+    if vname is None or gname is None or dim != 0:
+        return a.barrier(node)
+    if a.usable(vname):
+        n = shape_of(v)[0]
+        base = a.uf.new(n)
+        layer = module_of(vname)
+        for c in range(n):
+            a.contributions.append(Contribution(base + c, vname, 0, (c,), "in",
+                                                f"{layer}: weight norm direction {vname}[{{idx}}]"))
+            a.normalised[base + c] = [f"{layer}: {opname(node)} divides {vname}[{c}] by its norm"]
+    a.weight_norms[node] = (vname, gname, dim)
+    return invariant_outputs(node)
+
+
+def _weight_norm_layer(a: Analysis, node: Node, x: Any, w: Node, b: Any, n_out: int, cdim: int) -> Labels:
+    """A Linear/Conv whose weight is g v / |v|: g[c] (and bias[c]) write channel c; inputs cannot be absorbed."""
+    _, gname, _ = a.weight_norms[w]
+    bname = a.param_name(b)
+    lx = a.lab(x)
+    if live(lx):
+        a.blocked[f"{opname(node)} (reads through weight norm)"] += 1
+        taint(a.uf, lx)
+    nd = ndim_of(node)
+    if not a.usable(gname) or (b is not None and not a.usable(bname)):
+        return invariant_label(nd)
+    base, lab = a.fresh(n_out, nd, cdim)
+    layer = module_of(gname)
+    _write_rows(a, base, n_out, gname, bname if b is not None else None,
+                f"{layer}: {opname(node)} writes channel {{idx}} (weight norm magnitude {gname}[{{idx}}])",
+                f"{layer}: bias[{{idx}}]")
+    return lab
+
+
 def h_linear(a: Analysis, node: Node) -> Labels:
     """y = x W^T + b: W[:, k] reads input feature k; W[c], b[c] write output feature c."""
     x, w = node.args[0], node.args[1]
     b = arg(node, 2, "bias", None)
+    if w in a.weight_norms:
+        return _weight_norm_layer(a, node, x, w, b, shape_of(node)[-1], ndim_of(node) - 1)  # type: ignore[arg-type]
     wname, w_ok, bname, b_ok = _weight_bias(a, node, w, b)
     if wname is None or (b is not None and bname is None):
         return a.barrier(node)
@@ -443,10 +636,11 @@ def h_linear(a: Analysis, node: Node) -> Labels:
     lx = a.lab(x, ndim_of(x))
     if live(lx):
         if w_ok:
+            event = f"{layer}: aten.linear reads feature {{idx}} (weight[:, {{idx}}])"
+            add = a.contributions.append
             for k, s in enumerate(per_index(a.uf, lx, -1, c_in)):
                 if s > 0:
-                    a.contributions.append(Contribution(
-                        s, wname, 1, (k,), "out", f"{layer}: aten.linear reads feature {{idx}} (weight[:, {{idx}}])"))
+                    add(Contribution(s, wname, 1, (k,), "out", event))
         else:
             a.blocked[f"{opname(node)} (frozen or shared weight)"] += 1
             taint(a.uf, lx)
@@ -454,12 +648,19 @@ def h_linear(a: Analysis, node: Node) -> Labels:
     if not (w_ok and b_ok):
         return invariant_label(nd)
     base, lab = a.fresh(c_out, nd, nd - 1)
-    for c in range(c_out):
-        a.contributions.append(
-            Contribution(base + c, wname, 0, (c,), "in", f"{layer}: aten.linear writes feature {{idx}}"))
-        if b is not None and bname is not None:
-            a.contributions.append(Contribution(base + c, bname, 0, (c,), "in", f"{layer}: bias[{{idx}}]"))
+    _write_rows(a, base, c_out, wname, bname if b is not None else None, f"{layer}: aten.linear writes feature {{idx}}",
+                f"{layer}: bias[{{idx}}]")
     return lab
+
+
+def _write_rows(a: Analysis, base: int, n: int, wname: str, bname: str | None, wevent: str, bevent: str) -> None:
+    """Slot base + c is written by wname[c] (and bname[c]) for c < n (dim 0 of both)."""
+    add = a.contributions.append
+    for c in range(n):
+        idx = (c,)
+        add(Contribution(base + c, wname, 0, idx, "in", wevent))
+        if bname is not None:
+            add(Contribution(base + c, bname, 0, idx, "in", bevent))
 
 
 def h_conv(a: Analysis, node: Node) -> Labels:
@@ -475,6 +676,9 @@ def h_conv(a: Analysis, node: Node) -> Labels:
     else:
         transposed = False
         groups = int(arg(node, 6, "groups", 1))
+    if w in a.weight_norms and not transposed and groups == 1:
+        cd = 1 if ndim_of(x) == ndim_of(w) else 0
+        return _weight_norm_layer(a, node, x, w, b, shape_of(node)[cd], cd)  # type: ignore[arg-type]
     wname, w_ok, bname, b_ok = _weight_bias(a, node, w, b)
     if wname is None or (b is not None and bname is None):
         return a.barrier(node)
@@ -486,49 +690,59 @@ def h_conv(a: Analysis, node: Node) -> Labels:
     layer = module_of(wname)
     name = opname(node)
 
-    def reader_slice(k: int) -> tuple[int, tuple[int, ...]] | None:
+    Slice = tuple[int, tuple[int, ...], tuple[int, tuple[int, ...]] | None]
+
+    def reader_slice(k: int) -> Slice:
+        """Input channel k = g * cpg_in + l of a grouped conv is read by the block weight[rows of g, l]."""
         if transposed:
-            return 0, (k,)
+            return 0, (k,), None
         cpg_in, cpg_out = wshape[1], c_out // groups
         if groups == 1:
-            return 1, (k,)
-        if cpg_in == 1:
-            return 0, tuple(range(k * cpg_out, (k + 1) * cpg_out))
-        return None
+            return 1, (k,), None
+        g, l = divmod(k, cpg_in)
+        rows = tuple(range(g * cpg_out, (g + 1) * cpg_out))
+        return (0, rows, None) if cpg_in == 1 else (0, rows, (1, (l,)))
 
-    def writer_slice(c: int) -> tuple[int, tuple[int, ...]] | None:
+    def writer_slice(c: int) -> Slice:
+        """Output channel c = g * cpg_out + l of a grouped transposed conv: the block weight[rows of g, l]."""
         if not transposed:
-            return 0, (c,)
-        cpg_in = c_in // groups
+            return 0, (c,), None
+        cpg_in, cpg_out = c_in // groups, wshape[1]
         if groups == 1:
-            return 1, (c,)
-        if wshape[1] == 1:
-            return 0, tuple(range(c * cpg_in, (c + 1) * cpg_in))
-        return None
+            return 1, (c,), None
+        g, l = divmod(c, cpg_out)
+        rows = tuple(range(g * cpg_in, (g + 1) * cpg_in))
+        return (0, rows, None) if cpg_out == 1 else (0, rows, (1, (l,)))
 
     lx = a.lab(x, nd_x)
     if live(lx):
         slots = per_index(a.uf, lx, cdim, c_in)
-        ok = w_ok and all(reader_slice(k) is not None for k in range(c_in))
-        if ok:
+        if w_ok:
             for k, s in enumerate(slots):
                 if s > 0:
-                    d, idx = reader_slice(k)  # type: ignore[misc]
-                    text = "weight[:, {idx}]" if d == 1 else "weight[{idx}]"
+                    d, idx, sub = reader_slice(k)
+                    if sub is not None:
+                        text = f"weight[{_short_index(idx)}, {sub[1][0]}] of group {k // wshape[1]}"
+                    else:
+                        text = "weight[:, {idx}]" if d == 1 else "weight[{idx}]"
                     a.contributions.append(Contribution(s, wname, d, idx, "out",
-                                                        f"{layer}: {name} reads channel {k} ({text})"))
+                                                        f"{layer}: {name} reads channel {k} ({text})", sub))
         else:
-            a.blocked[f"{name} ({'frozen or shared weight' if not w_ok else 'grouped'})"] += 1
+            a.blocked[f"{name} (frozen or shared weight)"] += 1
             taint(a.uf, lx)
     nd = ndim_of(node)
-    if not (w_ok and b_ok) or any(writer_slice(c) is None for c in range(c_out)):
+    if not (w_ok and b_ok):
         return invariant_label(nd)
     base, lab = a.fresh(c_out, nd, cdim)
+    bias = bname if b is not None else None
+    if not transposed:
+        _write_rows(a, base, c_out, wname, bias, f"{layer}: {name} writes channel {{idx}}", f"{layer}: bias[{{idx}}]")
+        return lab
     for c in range(c_out):
-        d, idx = writer_slice(c)  # type: ignore[misc]
-        a.contributions.append(Contribution(base + c, wname, d, idx, "in", f"{layer}: {name} writes channel {c}"))
-        if b is not None and bname is not None:
-            a.contributions.append(Contribution(base + c, bname, 0, (c,), "in", f"{layer}: bias[{{idx}}]"))
+        d, idx, sub = writer_slice(c)
+        a.contributions.append(Contribution(base + c, wname, d, idx, "in", f"{layer}: {name} writes channel {c}", sub))
+        if bias is not None:
+            a.contributions.append(Contribution(base + c, bias, 0, (c,), "in", f"{layer}: bias[{{idx}}]"))
     return lab
 
 
@@ -541,11 +755,8 @@ def _affine_writer(a: Analysis, node: Node, w: Any, b: Any, n: int, nd: int, dim
         return invariant_label(nd)
     layer = module_of(wname)
     base, lab = a.fresh(n, nd, dim)
-    for c in range(n):
-        a.contributions.append(Contribution(base + c, wname, 0, (c,), "in",
-                                            f"{layer}: {opname(node)} affine writes {what} {{idx}} (weight[{{idx}}])"))
-        if b is not None and bname is not None:
-            a.contributions.append(Contribution(base + c, bname, 0, (c,), "in", f"{layer}: bias[{{idx}}]"))
+    _write_rows(a, base, n, wname, bname if b is not None else None,
+                f"{layer}: {opname(node)} affine writes {what} {{idx}} (weight[{{idx}}])", f"{layer}: bias[{{idx}}]")
     return lab
 
 
@@ -658,6 +869,57 @@ def h_embedding(a: Analysis, node: Node) -> Labels:
     return lab
 
 
+def h_matmul(a: Analysis, node: Node) -> Labels:
+    """x @ W with one side that does not move: linear in the other side, which passes its channels on.
+
+    out[..., i, d] = sum_j A[..., i, j] V[..., j, d]: with A fixed (attention weights: a softmax of
+    queries and keys), V's slots are mixed along j (united) and keep their channel d; with the right
+    factor fixed, the left's slots are mixed along its last dim. Both factors moving is a barrier.
+    """
+    x, y = node.args[0], node.args[1]
+    nd = ndim_of(node)
+    if ndim_of(x) < 2 or ndim_of(y) < 2:
+        return a.barrier(node)
+    lx, ly = a.lab(x, ndim_of(x)), a.lab(y, ndim_of(y))
+    if live(lx) and live(ly):
+        return a.barrier(node)
+    if live(ly):  # attention @ values: channel d of V stays channel d
+        out = fit(collapse(a.uf, ly, [ly.ndim - 2]), nd)
+        text = f"{opname(node)} ({node.name}): fixed weights @ values keeps value channel d as output channel d"
+        for slot in slots_in(out):
+            a.couplings.append((slot, text))
+        return out
+    if live(lx):
+        return fit(collapse(a.uf, lx, [lx.ndim - 1]), nd)
+    return invariant_label(nd)
+
+
+def h_sdpa(a: Analysis, node: Node) -> Labels:
+    """scaled_dot_product_attention(q, k, v, mask): softmax(q k^T / sqrt(d) + mask) v.
+
+    The weights are a barrier for q and k (a softmax of their product is not homogeneous in either);
+    given them, the output is linear in v: value channel d (mixed over the keys) becomes output channel d.
+    """
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    blocked = False
+    for t in (q, k, *(_flat_args(node)[3:])):
+        if isinstance(t, Node):
+            lab = a.lab(t)
+            if live(lab):
+                blocked = True
+                taint(a.uf, lab)
+    if blocked:
+        a.blocked[f"{opname(node)} (queries, keys)"] += 1
+    lv = a.lab(v, ndim_of(v))
+    if not live(lv):
+        return invariant_label(ndim_of(node))
+    out = fit(collapse(a.uf, lv, [lv.ndim - 2]), ndim_of(node))
+    text = f"{opname(node)} ({node.name}): output channel d = attention-weighted sum of value channel d over the keys"
+    for slot in slots_in(out):
+        a.couplings.append((slot, text))
+    return out
+
+
 def h_zero_factory(a: Analysis, node: Node) -> Labels:
     return zero_label(ndim_of(node))
 
@@ -686,6 +948,9 @@ HANDLERS.update({
     "group_norm": h_group_norm,
     "instance_norm": h_instance_norm,
     "embedding": h_embedding,
+    "_weight_norm": h_weight_norm,
+    "matmul": h_matmul, "bmm": h_matmul,
+    "scaled_dot_product_attention": h_sdpa,
 })
 
 
@@ -721,7 +986,12 @@ def run_rules(cap: CapturedGraph) -> Analysis:
         uses = sum(1 for u in node.users if u in live_nodes for x in _flat_args(u) if x is node)
         if uses > 1 and name not in a.unusable:
             a.unusable[name] = f"shared: used by {uses} operations"
+    a.scale_chains = find_scale_chains(cap.graph, cap.params, live_nodes)
+    in_chain = {c for _, chain in a.scale_chains.values() for c in chain}
     for node in cap.graph.nodes:
+        if node in in_chain:  # a reshaped layer-scale parameter: handled by the product (h_mul)
+            a.env[node] = invariant_outputs(node)
+            continue
         if node.op == "call_function" and node not in live_nodes and not opname(node).endswith("_"):
             a.dead.append(node)  # its value never reaches the loss nor Python: it constrains nothing
             a.env[node] = invariant_outputs(node)
