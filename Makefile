@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/nmech demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
