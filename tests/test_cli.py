@@ -109,3 +109,19 @@ def test_demo_end_to_end(monkeypatch, capsys, tmp_path):
     # a second demo into the same place replaces the first (it is the demo's own output)
     code, _, err = run(monkeypatch, capsys, "demo", "--out", str(tmp_path), "--steps", "10")
     assert code == 0, err
+
+
+@pytest.mark.slow
+def test_train_then_report_with_a_comparison_run(monkeypatch, capsys, tmp_path):
+    torch.set_num_threads(1)
+    for name, momentum in (("mom", "0.9"), ("sgd", "0.0")):
+        code, _, err = run(monkeypatch, capsys, "train", "demo", "--run-dir", str(tmp_path / name),
+                           "--set", "steps=10", "--set", f"optimizer.momentum={momentum}", "--set", "eval_every=0")
+        assert code == 0, err
+    other = f"no momentum={tmp_path / 'sgd'}"
+    code, _, err = run(monkeypatch, capsys, "report", str(tmp_path / "mom"), "--compare", other)
+    assert code == 0, err
+    html = (tmp_path / "mom" / "report.html").read_text()
+    assert "no momentum" in html
+    code, _, err = run(monkeypatch, capsys, "report", str(tmp_path / "mom"), "--compare", "nolabel")
+    assert code == 2 and "LABEL=RUN_DIR" in err

@@ -227,11 +227,20 @@ def train(
 def report(
     run: Annotated[Path, typer.Argument(help="A run directory written by `nmech train` or a Tracker.")],
     out: Annotated[Path | None, typer.Option("--out", help="The HTML file to write (default RUN/report.html).")] = None,
+    compare: Annotated[list[str] | None, typer.Option(
+        "--compare", help="Another run drawn beside this one in the charge figure, as LABEL=RUN_DIR (repeatable), "
+        "e.g. --compare 'momentum 0.9=runs/mom'.")] = None,
 ) -> None:
     """Write one self-contained HTML report (figures, hyperparameters, symmetry summary, error table)."""
     from .plots.report import write_report
 
-    path = write_report(run, out)
+    others: dict[str, Path] = {}
+    for item in compare or []:
+        label, sep, path_text = item.rpartition("=")
+        if not sep or not label or not path_text:
+            raise NMechError(f"--compare {item!r} is not LABEL=RUN_DIR", "write e.g. --compare 'no momentum=runs/sgd'")
+        others[label] = Path(path_text)
+    path = write_report(run, out, compare=others or None)
     console.print(f"report written to [bold]{path}[/bold]")
 
 

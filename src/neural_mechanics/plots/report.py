@@ -53,8 +53,9 @@ class Rendered:
 def _sections(view: RunView, constraints: Any, param_trace: pd.DataFrame | None,
               compare: Mapping[str, Any] | None) -> list[Section]:
     runs: dict[str, Any] = {view.name: view, **{k: load_run(v) for k, v in (compare or {}).items()}}
-    momentum_note = ("" if compare else " Pass `compare={'label': other_run}` (e.g. the same model with and "
-                     "without momentum) to draw them as extra rows.")
+    momentum_note = (" Rows: " + "; ".join(runs) + "." if compare else
+                     " Pass `compare={'label': other_run}` (CLI: `nmech report RUN --compare LABEL=RUN_DIR`; e.g. "
+                     "the same model with and without momentum) to draw them as extra rows.")
     return [
         Section("training", "Training curves", "Loss (log scale) and accuracy logged by the training loop.",
                 lambda: F.fig_training_curves(view)),
