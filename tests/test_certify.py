@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
+from hand_models import batch, convnet, convnet_groups, mlp, mlp_groups
 from neural_mechanics.errors import NMechError
 from neural_mechanics.geometry import GroupIncidence
 from neural_mechanics.symmetry.certify import certify, compose_actions
@@ -22,58 +22,14 @@ from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet
 torch.set_num_threads(1)
 
 
-def mlp(dropout=False):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
-                         nn.Dropout(0.3) if dropout else nn.Identity(), nn.Linear(5, 3))
-
-
-def mlp_groups():
-    S = []
-    for c in range(6):
-        S.append(Symmetry("scale", f"scale.0.{c}", (Member("0.weight", 0, (c,)), Member("0.bias", 0, (c,))), layer="0"))
-        S.append(Symmetry("rescale", f"rescale.1.{c}", (Member("1.weight", 0, (c,), "in"),
-                                                        Member("1.bias", 0, (c,), "in"),
-                                                        Member("3.weight", 1, (c,), "out")), layer="1"))
-    for c in range(5):
-        S.append(Symmetry("rescale", f"rescale.3.{c}", (Member("3.weight", 0, (c,), "in"),
-                                                        Member("3.bias", 0, (c,), "in"),
-                                                        Member("6.weight", 1, (c,), "out")), layer="3"))
-        S.append(Symmetry("translation", f"translation.6.col{c}", (Member("6.weight", 1, (c,)),), layer="6"))
-    S.append(Symmetry("translation", "translation.6.bias", (Member("6.bias"),), layer="6"))
-    return SymmetrySet(S)
-
-
-def convnet():
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1),
-                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(20, 3))
-
-
-def convnet_groups():
-    S = []
-    for c in range(4):
-        S.append(Symmetry("scale", f"scale.0.{c}", (Member("0.weight", 0, (c,)), Member("0.bias", 0, (c,))), layer="0"))
-        S.append(Symmetry("rescale", f"rescale.1.{c}", (Member("1.weight", 0, (c,), "in"),
-                                                        Member("1.bias", 0, (c,), "in"),
-                                                        Member("3.weight", 1, (c,), "out")), layer="1"))
-    for c in range(5):  # flatten: channel c -> columns 4c..4c+3
-        S.append(Symmetry("rescale", f"rescale.3.{c}", (Member("3.weight", 0, (c,), "in"),
-                                                        Member("3.bias", 0, (c,), "in"),
-                                                        Member("7.weight", 1, tuple(range(4 * c, 4 * c + 4)), "out")),
-                          layer="3"))
-    for j in range(20):
-        S.append(Symmetry("translation", f"translation.7.col{j}", (Member("7.weight", 1, (j,)),), layer="7"))
-    S.append(Symmetry("translation", "translation.7.bias", (Member("7.bias"),), layer="7"))
-    return SymmetrySet(S)
-
-
 def x_mlp(n=16):
-    return torch.randn(n, 4, generator=torch.Generator().manual_seed(3))
+    """The inputs of `hand_models.batch` (certify makes its own targets)."""
+    return batch("mlp", n)[0]
 
 
 def x_conv(n=8):
-    return torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    """The inputs of `hand_models.batch` for the convnet."""
+    return batch("conv", n)[0]
 
 
 @pytest.mark.parametrize("make,groups,x", [(mlp, mlp_groups, x_mlp), (convnet, convnet_groups, x_conv)])

@@ -20,14 +20,9 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet
-from test_detect_support import certify_groups
+from test_detect_support import certify_groups, counts
 
 torch.set_num_threads(1)
-
-
-def counts(s: SymmetrySet) -> tuple[int, int, int]:
-    c = s.counts()
-    return c["translation"], c["scale"], c["rescale"]
 
 
 # ---- block members --------------------------------------------------------------------------------

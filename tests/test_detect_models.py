@@ -16,14 +16,9 @@ from torch import nn
 from neural_mechanics.errors import InputShapeError
 from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.symmetry.groups import Member, SymmetrySet
-from test_detect_support import certify_all_at_once, certify_groups
+from test_detect_support import certify_all_at_once, certify_groups, counts
 
 torch.set_num_threads(1)
-
-
-def counts(s: SymmetrySet) -> tuple[int, int, int]:
-    c = s.counts()
-    return c["translation"], c["scale"], c["rescale"]
 
 
 def mlp_bn() -> nn.Module:

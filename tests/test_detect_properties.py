@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from neural_mechanics.symmetry.detect import find_symmetries
-from test_detect_support import certify_groups
+from test_detect_support import certify_groups, counts
 
 torch.set_num_threads(1)
 
@@ -28,8 +28,7 @@ layer = st.tuples(st.integers(1, 5), st.booleans(), st.sampled_from(sorted(ACTS)
 def _counts(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
     s = find_symmetries(model, x)
     certify_groups(model, s, x)
-    c = s.counts()
-    return c["translation"], c["scale"], c["rescale"]
+    return counts(s)
 
 
 @SETTINGS

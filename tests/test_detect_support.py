@@ -16,9 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from neural_mechanics.symmetry.groups import Symmetry
+from neural_mechanics.symmetry.groups import Symmetry, SymmetrySet
 
 TOL = 1e-9
+
+
+def counts(s: SymmetrySet) -> tuple[int, int, int]:
+    """(translation, scale, rescale) group counts, the order the detection tests state them in."""
+    c = s.counts()
+    return c["translation"], c["scale"], c["rescale"]
 
 
 def float64_copy(model: nn.Module) -> nn.Module:

@@ -698,11 +698,7 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, console: Any, progress: 
         if trace is not None:
             trace.close()
             trace.save(out_dir)
-        if tracker is not None:
-            tracker.close(status, note)
-        elif writer is not None:
-            writer.flush()
-            writer.set_status(status, note)
+        _close_run(tracker, writer, status, note)
     except OSError as exc:
         raise store_error(exc, out_dir, "closing the run") from exc
     result = TrainResult(run_dir=out_dir, steps=step, metrics=metrics, status=status, world_size=world,
@@ -741,14 +737,19 @@ def _save_constraints(model: nn.Module, symmetries: Any, data: DatasetInfo, out_
         warnings.warn(f"could not check the constraints at step 0: {exc}", RuntimeWarning, stacklevel=2)
 
 
+def _close_run(tracker: Any, writer: Any, status: str, note: str | None) -> None:
+    """Record the run's final status: the tracker closes its own writer; without one, flush the writer and mark it."""
+    if tracker is not None:
+        tracker.close(status, note)
+    elif writer is not None:
+        writer.flush()
+        writer.set_status(status, note)
+
+
 def _close_quietly(tracker: Any, writer: Any, status: str, note: str) -> None:
     """Mark a failed run (flush what can be flushed); never let a second failure hide the first one."""
     try:
-        if tracker is not None:
-            tracker.close(status, note)
-        elif writer is not None:
-            writer.flush()
-            writer.set_status(status, note)
+        _close_run(tracker, writer, status, note)
     except Exception as exc:
         warnings.warn(f"could not mark the run {status}: {exc}", RuntimeWarning, stacklevel=2)
         if writer is not None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -146,16 +146,20 @@ class Analysis:
         view[dim] = n
         return base, (base + torch.arange(n)).view(view)
 
-    def barrier(self, node: Node) -> Labels:
-        """Taint every slot reaching `node`; its output does not move."""
+    def taint_args(self, args: Iterable[Any]) -> bool:
+        """Taint every slot that reaches one of `args` (the graph nodes among them); True if any slot was live."""
         found = False
-        for arg in _flat_args(node):
+        for arg in args:
             if isinstance(arg, Node):
                 lab = self.lab(arg)
                 if live(lab):
                     found = True
                     taint(self.uf, lab)
-        if found:
+        return found
+
+    def barrier(self, node: Node) -> Labels:
+        """Taint every slot reaching `node`; its output does not move."""
+        if self.taint_args(_flat_args(node)):
             self.blocked[opname(node)] += 1
         return invariant_outputs(node)
 
@@ -765,6 +769,13 @@ def _layer_of(a: Analysis, node: Node, w: Any) -> str:
     return module_of(name) if name else node.name
 
 
+def _normalise_channels(a: Analysis, lx: Tensor, c: int, event: Callable[[int], str]) -> None:
+    """Each of the `c` channels (dim 1) of `lx` is normalised on its own: its live slot absorbs scale, `event(ch)`."""
+    for ch, s in enumerate(per_index(a.uf, lx, 1, c)):
+        if s > 0:
+            a.normalised.setdefault(s, []).append(event(ch))
+
+
 def h_batch_norm(a: Analysis, node: Node) -> Labels:
     """Train mode: channel c is normalised over (N, spatial) -> scale-invariant. Eval mode: affine, a barrier."""
     x, w, b = node.args[0], node.args[1], node.args[2]
@@ -775,12 +786,10 @@ def h_batch_norm(a: Analysis, node: Node) -> Labels:
     layer = _layer_of(a, node, w)
     lx = a.lab(x, nd)
     if training:
-        for ch, s in enumerate(per_index(a.uf, lx, 1, c)):
-            if s > 0:
-                kind = "train" if op == "batch_norm" else "batch statistics"
-                a.normalised.setdefault(s, []).append(
-                    f"{layer}: {opname(node)} ({kind}) normalises channel {ch} over {_dims_text(nd, 1)}"
-                )
+        kind = "train" if op == "batch_norm" else "batch statistics"
+        what = f"{layer}: {opname(node)} ({kind})"
+        over = _dims_text(nd, 1)
+        _normalise_channels(a, lx, c, lambda ch: f"{what} normalises channel {ch} over {over}")
     else:
         if op == "batch_norm":
             a.eval_batchnorm.append(layer)
@@ -843,9 +852,7 @@ def h_instance_norm(a: Analysis, node: Node) -> Labels:
     layer = _layer_of(a, node, w)
     lx = a.lab(x, nd)
     if use_stats:
-        for ch, s in enumerate(per_index(a.uf, lx, 1, c)):
-            if s > 0:
-                a.normalised.setdefault(s, []).append(f"{layer}: {opname(node)} normalises channel {ch} per sample")
+        _normalise_channels(a, lx, c, lambda ch: f"{layer}: {opname(node)} normalises channel {ch} per sample")
     else:
         taint(a.uf, lx)
     return _affine_writer(a, node, w, b, c, ndim_of(node), 1, "channel")
@@ -901,14 +908,7 @@ def h_sdpa(a: Analysis, node: Node) -> Labels:
     given them, the output is linear in v: value channel d (mixed over the keys) becomes output channel d.
     """
     q, k, v = node.args[0], node.args[1], node.args[2]
-    blocked = False
-    for t in (q, k, *(_flat_args(node)[3:])):
-        if isinstance(t, Node):
-            lab = a.lab(t)
-            if live(lab):
-                blocked = True
-                taint(a.uf, lab)
-    if blocked:
+    if a.taint_args((q, k, *(_flat_args(node)[3:]))):
         a.blocked[f"{opname(node)} (queries, keys)"] += 1
     lv = a.lab(v, ndim_of(v))
     if not live(lv):

@@ -70,84 +70,83 @@ def _started0(charge: Tensor, overlap0: Tensor | None) -> tuple[Tensor, Tensor]:
     return o, torch.ones(charge.shape, dtype=torch.bool, device=charge.device)
 
 
-class QuadraticRecurrence:
+class _MomentumRecurrence:
+    """State shared by the two recurrences: the predicted charge, the overlap of the charge's linear functional
+    with the last momentum buffer, and whether the group's buffers exist (`started`); checkpointed together."""
+
+    def __init__(self, charge0: Tensor, *, overlap0: Tensor | None = None):
+        self.charge: Tensor = _float(torch.as_tensor(charge0)).clone()
+        """Current predicted charge."""
+        self.overlap, self.started = _started0(self.charge, overlap0)
+
+    def _buffer_rule(self, r: ResolvedHyper, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """torch's buffer rule seen through the charge's functional <v, .> (v = D theta_k, or 1_A), from X = <v, d_k>.
+
+        Returns (buffered, Q, du): buffered = (beta != 0); Q = <v, b_k> = X (first buffered step) | beta P + (1 - tau) X
+        with P = `self.overlap`; du = <v, u_k> = X (no buffer) | Q (heavy ball) | X + beta Q (Nesterov).
+        """
+        beta, tau = r.momentum, r.dampening
+        Q = torch.where(self.started, beta * self.overlap + (1 - tau) * X, X)
+        buffered = beta != 0
+        nesterov = r.nesterov & buffered
+        du = torch.where(buffered, torch.where(nesterov, X + beta * Q, Q), X)
+        return buffered, Q, du
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"charge": self.charge.clone(), "overlap": self.overlap.clone(), "started": self.started.clone()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        dev = self.charge.device
+        self.charge = d["charge"].to(dev).clone()
+        self.overlap = d["overlap"].to(device=dev, dtype=self.charge.dtype).clone()
+        self.started = d["started"].to(dev).clone()
+
+
+class QuadraticRecurrence(_MomentumRecurrence):
     """Exact prediction of a scale / rescale charge C = <theta, D theta> under torch.optim.SGD, for G groups.
 
     `step(hp, U, V, B)` advances k -> k+1 and returns C_{k+1} = C_k - 2 eta_k <D theta_k, u_k> + eta_k^2 U_k with
     <D theta_k, u_k> from the module docstring. Inputs: U_k = <u_k, D u_k>, V_k = <D u_k, b_k> (None = U_k, exact for
     heavy ball and plain SGD; Nesterov needs the measured V), B_k = <D theta_k, g_k> (None = symmetry only).
+    State: `charge` = C_k; `overlap` = P_k = <D theta_k, b_{k-1}>; `started`: the group's momentum buffers exist.
     """
-
-    def __init__(self, charge0: Tensor, *, overlap0: Tensor | None = None):
-        self.charge: Tensor = _float(torch.as_tensor(charge0)).clone()
-        """Current predicted C_k."""
-        self.overlap, self.started = _started0(self.charge, overlap0)
-        """overlap = P_k = <D theta_k, b_{k-1}>; started: the group's momentum buffers exist."""
 
     def step(self, hp: Hyper, U: Tensor, V: Tensor | None = None, B: Tensor | None = None) -> Tensor:
         """Advance k -> k+1 and return the predicted C_{k+1} (tensor [G])."""
         C = self.charge
         r = hp.resolved(C)
-        eta, beta, tau, lam = r.lr, r.momentum, r.dampening, r.weight_decay
+        eta, lam = r.lr, r.weight_decay
         U = U.to(C.dtype)
         V = U if V is None else V.to(C.dtype)
-        X = lam * C + _signed(r, B, C)                                     # <D theta_k, d_k>
-        Q = torch.where(self.started, beta * self.overlap + (1 - tau) * X, X)  # <D theta_k, b_k>
-        buffered = beta != 0
-        nesterov = r.nesterov & buffered
-        du = torch.where(buffered, torch.where(nesterov, X + beta * Q, Q), X)  # <D theta_k, u_k>
+        X = lam * C + _signed(r, B, C)  # <D theta_k, d_k>
+        buffered, Q, du = self._buffer_rule(r, X)  # Q = <D theta_k, b_k>, du = <D theta_k, u_k>
         new = C - 2 * eta * du + eta * eta * U
         self.overlap = torch.where(buffered, Q - eta * V, self.overlap)
         self.started = self.started | buffered
         self.charge = new
         return new
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"charge": self.charge.clone(), "overlap": self.overlap.clone(), "started": self.started.clone()}
 
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        dev = self.charge.device
-        self.charge = d["charge"].to(dev).clone()
-        self.overlap = d["overlap"].to(device=dev, dtype=self.charge.dtype).clone()
-        self.started = d["started"].to(dev).clone()
-
-
-class LinearRecurrence:
+class LinearRecurrence(_MomentumRecurrence):
     """Exact prediction of a translation charge T = <theta, 1_A> under torch.optim.SGD, for G groups.
 
     X_k = lambda T_k + B_k; M_k = <1_A, b_k> = X_k (first buffered step) | beta M_{k-1} + (1 - tau) X_k;
     T_{k+1} = T_k - eta_k (X_k | M_k | X_k + beta M_k). B_k = <1_A, g_k> (None = symmetry only).
+    State: `charge` = T_k; `overlap` = M_{k-1} = <1_A, b_{k-1}> (constant between steps: 1_A does not move).
     """
-
-    def __init__(self, charge0: Tensor, *, overlap0: Tensor | None = None):
-        self.charge: Tensor = _float(torch.as_tensor(charge0)).clone()
-        self.overlap, self.started = _started0(self.charge, overlap0)
-        """overlap = M_{k-1} = <1_A, b_{k-1}> (constant between steps: 1_A does not move)."""
 
     def step(self, hp: Hyper, B: Tensor | None = None) -> Tensor:
         """Advance k -> k+1 and return the predicted T_{k+1} (tensor [G])."""
         T = self.charge
         r = hp.resolved(T)
-        eta, beta, tau, lam = r.lr, r.momentum, r.dampening, r.weight_decay
+        eta, lam = r.lr, r.weight_decay
         X = lam * T + _signed(r, B, T)
-        M = torch.where(self.started, beta * self.overlap + (1 - tau) * X, X)
-        buffered = beta != 0
-        nesterov = r.nesterov & buffered
-        du = torch.where(buffered, torch.where(nesterov, X + beta * M, M), X)
+        buffered, M, du = self._buffer_rule(r, X)
         new = T - eta * du
         self.overlap = torch.where(buffered, M, self.overlap)
         self.started = self.started | buffered
         self.charge = new
         return new
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"charge": self.charge.clone(), "overlap": self.overlap.clone(), "started": self.started.clone()}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        dev = self.charge.device
-        self.charge = d["charge"].to(dev).clone()
-        self.overlap = d["overlap"].to(device=dev, dtype=self.charge.dtype).clone()
-        self.started = d["started"].to(dev).clone()
 
 
 def plain_quadratic_step(charge: Tensor, lr: Tensor | float, weight_decay: Tensor | float, grad_sq: Tensor,
