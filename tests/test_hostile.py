@@ -165,7 +165,7 @@ def test_full_disk_stops_the_run_and_flushed_rows_stay_readable(tmp_path, monkey
 
     run_training(tiny_cfg("steps=40", "checkpoint_every=10"), run_dir=tmp_path / "ref", progress=False)
     ref = open_run(tmp_path / "ref").frame()
-    real = store._atomic_write_table
+    real = store.atomic_write_table
     calls = {"n": 0}
 
     def write_until_full(path, table):
@@ -174,7 +174,7 @@ def test_full_disk_stops_the_run_and_flushed_rows_stay_readable(tmp_path, monkey
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, table)
 
-    monkeypatch.setattr(store, "_atomic_write_table", write_until_full)
+    monkeypatch.setattr(store, "atomic_write_table", write_until_full)
     run_dir = tmp_path / "run"
     code, _, err = nmech(monkeypatch, capsys, *train_args(run_dir, "steps=40", "checkpoint_every=10"))
     assert_user_error(code, err, "is full", "free disk space")

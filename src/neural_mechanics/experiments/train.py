@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -729,10 +730,10 @@ def _save_constraints(model: nn.Module, symmetries: Any, data: DatasetInfo, out_
             warnings.simplefilter("ignore")
             report = check_constraints(model, F.cross_entropy, (x.to(device), y.to(device)), symmetries,
                                        hessian=n_params <= HESSIAN_CHECK_MAX_PARAMS, seed=seed)
-        path = out_dir / "constraints.parquet"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        report.to_frame().to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        from neural_mechanics.tracking.store import atomic_write_table
+
+        atomic_write_table(out_dir / "constraints.parquet",
+                           pa.Table.from_pandas(report.to_frame(), preserve_index=False))
     except Exception as exc:  # the check is an extra; training goes on
         warnings.warn(f"could not check the constraints at step 0: {exc}", RuntimeWarning, stacklevel=2)
 

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
 from neural_mechanics.symmetry.groups import Symmetry
+from neural_mechanics.tracking.store import atomic_write_table
 
 
 class ParamTrace:
@@ -86,7 +88,5 @@ class ParamTrace:
     def save(self, run_dir: str | os.PathLike[str]) -> Path:
         """Write `param_trace.parquet` into run_dir atomically (temp file + rename)."""
         path = Path(run_dir) / "param_trace.parquet"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.frame().to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        atomic_write_table(path, pa.Table.from_pandas(self.frame(), preserve_index=False))
         return path

@@ -92,7 +92,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    """Write a Parquet table to `path` atomically: temp file in the same dir, fsync, os.replace."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     with open(tmp, "rb+") as f:
@@ -197,7 +198,7 @@ class RunWriter:
             if not self._buffers[t]:
                 continue
             table = pa.concat_tables(self._buffers[t])
-            _atomic_write_table(self.dir / t / f"part-{self._next[t]:06d}.parquet", table)
+            atomic_write_table(self.dir / t / f"part-{self._next[t]:06d}.parquet", table)
             self._next[t] += 1
             self._buffers[t] = []
         self.write_manifest()
@@ -219,7 +220,7 @@ class RunWriter:
                     continue
                 dropped += len(steps) - len(keep)
                 if keep:
-                    _atomic_write_table(path, tab.take(pa.array(keep, type=pa.int64())))
+                    atomic_write_table(path, tab.take(pa.array(keep, type=pa.int64())))
                 else:
                     path.unlink()
         return dropped
