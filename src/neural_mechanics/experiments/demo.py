@@ -83,7 +83,7 @@ def run_demo(out: Path, *, steps: int | None = None, console: Any = None) -> dic
     paper = result.max_rel_error.get("paper", float("nan"))
     console.print(f"groups tracked: {result.n_groups}")
     console.print(f"largest relative error over all groups and steps: exact (symmetry only) {exact:.2e} "
-                  f"[target <= {EXACT_TARGET:g}: {'ok' if exact <= EXACT_TARGET else 'MISSED'}], "
+                  f"(target <= {EXACT_TARGET:g}: {'ok' if exact <= EXACT_TARGET else 'MISSED'}), "
                   f"exact with measured breaking {breaking:.2e}, paper (continuous) {paper:.2e}")
     console.print(f"report: [bold]{report.resolve()}[/bold]")
     torch.set_grad_enabled(True)
