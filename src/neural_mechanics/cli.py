@@ -68,16 +68,11 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def _load(model: str, input_shape: str | None, num_classes: int | None, batch: int, seed: int, eval_mode: bool):
-    """Resolve a MODEL spec and build an example batch for it."""
-    import torch
-
+    """Resolve a MODEL spec (with --input-shape applied) and build its seeded example batch."""
     from .experiments.specs import resolve_model
 
-    shape_override = _parse_shape(input_shape)
-    resolved = resolve_model(model, num_classes=num_classes, input_shape=shape_override)
-    shape = shape_override or tuple(resolved.input_shape)
-    gen = torch.Generator().manual_seed(seed)
-    inputs = torch.randn((batch, *shape), generator=gen)
+    resolved = resolve_model(model, num_classes=num_classes, input_shape=_parse_shape(input_shape))
+    inputs = resolved.example_inputs(batch, seed=seed)
     net = resolved.model
     net.eval() if eval_mode else net.train()
     return resolved, net, inputs
