@@ -19,6 +19,7 @@ from theory_harness import Config, hyper_at, rel_err, run_exact, simulate
 
 KINDS = ("scale", "rescale", "translation")
 WD = 5e-3
+OFF_AND_ON = ((50, 0.0), (110, 0.9))  # momentum 0 from step 50, back to 0.9 from step 110
 
 CONFIGS = {
     "plain": Config(),
@@ -29,6 +30,10 @@ CONFIGS = {
     "momentum0_with_dampening": Config(momentum=0.0, dampening=0.5, weight_decay=WD),
     "cosine_warmup": Config(momentum=0.9, weight_decay=WD, schedule="cosine_warmup"),
     "clip_accum": Config(momentum=0.9, nesterov=True, weight_decay=WD, clip=0.3, accum=3),
+    # momentum 0 after momentum steps: torch keeps the old buffer and the next momentum step continues from it
+    "momentum_off_and_on": Config(momentum=0.9, weight_decay=WD, momentum_phases=OFF_AND_ON),
+    "nesterov_off_and_on": Config(momentum=0.9, nesterov=True, weight_decay=WD, momentum_phases=OFF_AND_ON),
+    "onecycle": Config(momentum=0.9, weight_decay=WD, schedule="onecycle"),
     "mixed_param_groups": Config(momentum=0.9, nesterov=True, weight_decay=WD, split_groups=True),
 }
 

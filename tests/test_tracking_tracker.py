@@ -86,16 +86,27 @@ def test_default_eps_breaking_is_measured(tmp_path):
     assert scale[scale.step > 0]["breaking_term"].abs().max() > 0
 
 
-@pytest.mark.parametrize("name", ["sgd_wd", "heavy_ball", "nesterov", "dampening", "clipping"])
+F64_CONFIGS = {**CONFIGS, "onecycle": ({"momentum": 0.9, "weight_decay": 5e-3}, {"onecycle": True})}
+
+
+@pytest.mark.parametrize("name", ["sgd_wd", "heavy_ball", "nesterov", "dampening", "clipping", "onecycle"])
 def test_float64_training_is_exact_and_matches_reference(tmp_path, name):
-    """In float64 the recurrence is exact to ~1e-12, and the streaming tracker equals the brute-force one."""
-    opt_kw, extra = CONFIGS[name]
+    """In float64 the recurrence is exact to ~1e-12, and the streaming tracker equals the brute-force one.
+
+    "onecycle": OneCycleLR changes lr and momentum at every step (cycle_momentum), read from the optimizer each step.
+    """
+    opt_kw, extra = F64_CONFIGS[name]
     torch.manual_seed(0)
     net = BNNet(eps=1e-5).double()
     syms = bn_symmetries(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, **opt_kw)
     ref = ReferenceTracker(net, opt, syms)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(60, 10)) if extra.get("sched") else None
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None
+    if extra.get("sched"):
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(60, 10))
+    elif extra.get("onecycle"):
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=60, base_momentum=0.8,
+                                                    max_momentum=0.95)
     data = [(x.double(), y) for x, y in make_data()]
     with Tracker(net, opt, syms, tmp_path / "run", log_every=1):
         train(net, opt, data, 60, clip=extra.get("clip"), sched=sched)
@@ -285,12 +296,12 @@ def test_state_dict_is_weights_only_loadable(tmp_path):
     tr.close()
 
 
-PHASES = [  # (steps, param_group settings): plain -> heavy ball -> Nesterov -> heavy ball with dampening -> Nesterov
-    # (plain SGD only before the buffers exist: with buffers, momentum = 0 steps move <D theta, b_old>, which
-    # theory.exact's overlap does not follow)
+PHASES = [  # (steps, param_group settings): plain -> heavy ball -> Nesterov -> plain with the old buffers kept ->
+    # heavy ball with dampening (continuing from the old buffers) -> Nesterov
     (8, {"momentum": 0.0, "nesterov": False, "dampening": 0.0}),
     (15, {"momentum": 0.9, "nesterov": False, "dampening": 0.0}),
     (15, {"momentum": 0.9, "nesterov": True, "dampening": 0.0}),
+    (10, {"momentum": 0.0, "nesterov": False, "dampening": 0.0}),
     (15, {"momentum": 0.8, "nesterov": False, "dampening": 0.3}),
     (10, {"momentum": 0.9, "nesterov": True, "dampening": 0.0}),
 ]
@@ -299,6 +310,9 @@ PHASES = [  # (steps, param_group settings): plain -> heavy ball -> Nesterov -> 
 @pytest.mark.parametrize("maximize", [False, True])
 def test_switching_optimizer_modes_matches_reference(tmp_path, maximize):
     """Heavy ball (measured at the post hook) <-> Nesterov / plain (derived from gg, gb and carried state) mid-run.
+
+    The momentum-0 phase after momentum steps keeps torch's old buffers, which the next momentum step continues
+    from: the overlap <D theta, b_old> must follow theta through the plain steps.
 
     The carried <b, D b> and the switch between the two measurement paths must keep every prediction equal to
     the brute-force reference (float64), with and without maximize (which flips the sign of g in d).

@@ -70,7 +70,8 @@ class Config:
     nesterov: bool = False
     maximize: bool = False
     steps: int = 200
-    schedule: str = "const"        # "const" | "cosine_warmup"
+    schedule: str = "const"        # "const" | "cosine_warmup" | "onecycle" (OneCycleLR: cycles momentum too)
+    momentum_phases: tuple[tuple[int, float], ...] = ()  # (from step, momentum) switches, e.g. off and back on
     clip: float | None = None      # global-norm clipping
     accum: int = 1                 # micro-batches per step
     l1: float = 0.0                # L1 penalty on lin2.weight[:, :3] and lin1.weight[:2] (breaks symmetries)
@@ -110,6 +111,9 @@ def make_run(cfg: Config):
             return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (k - warm) / max(cfg.steps - warm, 1)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    elif cfg.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps,
+                                                    base_momentum=0.8, max_momentum=0.95)
     else:
         sched = None
     x = torch.randn(cfg.data_n, 5, dtype=torch.float64) * 2 + 0.3
@@ -179,6 +183,10 @@ def simulate(cfg: Config, *, start_at: int = 0):
                 for kind, D in masks.items():
                     b = {n: state(n) for n in params}
                     overlap0[kind] = _dot(D, theta, b) if kind != "translation" else _lin(D, b)
+        for start, beta in cfg.momentum_phases:
+            if k == start:
+                for pg in opt.param_groups:
+                    pg["momentum"] = beta
         opt.zero_grad(set_to_none=True)
         if cfg.full_batch:
             _loss(model, x, y, cfg).backward()

@@ -28,7 +28,10 @@ synchronisation (`torch.where` selects heavy ball / Nesterov / plain per group).
 measured one, is used inside the recurrence, so the prediction is a genuine forecast from C_0.
 
 State tracks torch's per-parameter buffer: `started` says whether the group's buffers exist. A step with
-momentum == 0 leaves torch's buffers untouched and so leaves this state untouched too. If you attach to an
+momentum == 0 leaves torch's buffers untouched (b stays the last buffer b_old; a later momentum step continues
+from it), so the linear overlap <1_A, b_old> stays put while the quadratic one moves with theta:
+P_{k+1} = <D theta_{k+1}, b_old> = P_k - eta_k V_k with V_k = <D u_k, b_old> (u_k = d_k). Momentum schedules
+(OneCycleLR's cycle_momentum, a switch to 0 and back) are therefore followed exactly. If you attach to an
 optimizer that already holds momentum buffers, pass `overlap0 = <D theta_0, b_{-1}>` (or <1_A, b_{-1}>).
 """
 
@@ -106,8 +109,10 @@ class QuadraticRecurrence(_MomentumRecurrence):
     """Exact prediction of a scale / rescale charge C = <theta, D theta> under torch.optim.SGD, for G groups.
 
     `step(hp, U, V, B)` advances k -> k+1 and returns C_{k+1} = C_k - 2 eta_k <D theta_k, u_k> + eta_k^2 U_k with
-    <D theta_k, u_k> from the module docstring. Inputs: U_k = <u_k, D u_k>, V_k = <D u_k, b_k> (None = U_k, exact for
-    heavy ball and plain SGD; Nesterov needs the measured V), B_k = <D theta_k, g_k> (None = symmetry only).
+    <D theta_k, u_k> from the module docstring. Inputs: U_k = <u_k, D u_k>, V_k = <D u_k, b> with b the momentum
+    buffer after the step (b_k; in a momentum-0 step the untouched earlier buffer) (None = U_k, exact for heavy ball
+    and for plain SGD before any buffer exists; Nesterov and momentum-0 steps after momentum steps need the measured
+    V), B_k = <D theta_k, g_k> (None = symmetry only).
     State: `charge` = C_k; `overlap` = P_k = <D theta_k, b_{k-1}>; `started`: the group's momentum buffers exist.
     """
 
@@ -121,7 +126,9 @@ class QuadraticRecurrence(_MomentumRecurrence):
         X = lam * C + _signed(r, B, C)  # <D theta_k, d_k>
         buffered, Q, du = self._buffer_rule(r, X)  # Q = <D theta_k, b_k>, du = <D theta_k, u_k>
         new = C - 2 * eta * du + eta * eta * U
-        self.overlap = torch.where(buffered, Q - eta * V, self.overlap)
+        # buffered: P_{k+1} = Q_k - eta V_k; momentum 0 with an old buffer: P_{k+1} = P_k - eta <D u_k, b_old>
+        moved = torch.where(self.started, self.overlap - eta * V, self.overlap)
+        self.overlap = torch.where(buffered, Q - eta * V, moved)
         self.started = self.started | buffered
         self.charge = new
         return new

@@ -11,6 +11,7 @@ Python floats, one group at a time, written independently of `theory.exact`:
 
     X = lambda C + B;  Q = X (first) | beta P + (1 - tau) X;  <D theta, u> = X | Q | X + beta Q
     C_{k+1} = C - 2 eta <D theta, u> + eta^2 U;  P_{k+1} = Q - eta V       (quadratic)
+    (momentum 0 after momentum steps: torch keeps the old buffer b_old, V = <D u, b_old>, P_{k+1} = P - eta V)
     X = lambda T + B;  M = X (first) | beta M + (1 - tau) X;  T_{k+1} = T - eta (X | M | X + beta M)   (linear)
 
 It needs two full parameter copies and one dense mask per (group, parameter): use it on small models.
@@ -63,8 +64,9 @@ class ReferenceTracker:
                 prev = self.optimizer.state.get(p, {}).get("momentum_buffer")
                 b = d.clone() if prev is None else beta * prev.to(torch.float64) + (1 - tau) * d
                 u = d + beta * b if pg["nesterov"] else b
-            else:
-                b = d.clone()
+            else:  # torch leaves an existing buffer untouched; V = <D u, b_old> moves P = <D theta, b_old>
+                prev = self.optimizer.state.get(p, {}).get("momentum_buffer")
+                b = d.clone() if prev is None else prev.to(torch.float64).clone()
                 u = d
             out[name] = {"theta": theta, "g": g, "d": d, "b": b, "u": u}
         return out
@@ -108,6 +110,8 @@ class ReferenceTracker:
                     st[which] = c - 2 * eta * du + eta * eta * U
                     if beta != 0:
                         st["P_" + which[0]] = Q - eta * V
+                    elif st["started"]:
+                        st["P_" + which[0]] = st["P_" + which[0]] - eta * V
                 else:
                     st[which] = c - eta * du
                     if beta != 0:

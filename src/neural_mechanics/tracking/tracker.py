@@ -364,7 +364,9 @@ class Tracker:
         """
         first = fam.exact is None
         heavy = fam.mode == "heavy" and self.exact_theory
-        momentum = any(_num(values[i][1]) != 0 for i in fam.pgs)
+        # gb is needed with momentum, and in momentum-0 steps once buffers exist (they move P = <D theta, b_old>)
+        momentum = any(_num(values[i][1]) != 0 for i in fam.pgs) or any(
+            self._buffer(n) is not None for n in fam.table.params)
         need = ["tg"] if self.exact_theory else []
         if log or (self.exact_theory and not heavy):
             need.append("gg")
@@ -398,6 +400,7 @@ class Tracker:
             e = <d, D b_{k-1}> = s gb + lambda P;   db = <d, D b_k> = beta e + (1 - tau) dd  (dd before any buffer)
             bb = <b_k, D b_k> = beta^2 bb_{k-1} + 2 beta (1 - tau) e + (1 - tau)^2 dd  (dd before any buffer)
             U = dd | bb | dd + 2 beta db + beta^2 bb,   V = dd | bb | db + beta bb   (plain | heavy ball | Nesterov)
+            (momentum 0 with an old buffer b_old: V = <d, D b_old> = e, which moves P; U = dd; bb stays)
 
         (C_k and P_k = <D theta_k, b_{k-1}> of the breaking recurrence equal the measured ones to rounding, and
         they only enter multiplied by lambda, so U and V are the measured ones to rounding.)
@@ -416,7 +419,7 @@ class Tracker:
         buffered = beta != 0
         nest = r.nesterov & buffered
         inp["U"] = torch.where(buffered, torch.where(nest, dd + 2 * beta * db + beta * beta * bb, bb), dd)
-        inp["V"] = torch.where(buffered, torch.where(nest, db + beta * bb, bb), dd)
+        inp["V"] = torch.where(buffered, torch.where(nest, db + beta * bb, bb), torch.where(started, e, dd))
         inp["grad_sq"], inp["velocity_sq"] = inp["gg"], torch.where(buffered, bb, dd)
         fam.vel = torch.where(buffered, bb, vel)
 
