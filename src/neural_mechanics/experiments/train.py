@@ -25,8 +25,12 @@ clipping, `optimizer.step()`, `scheduler.step()`. Around it:
   the global batch size). Every rank builds its own Tracker on the wrapped model; its step hooks fire in
   `optimizer.step()`, i.e. after DDP's gradient all-reduce, so every rank reduces the same synchronised
   gradients and advances identical predictions (checked at the end: `TrainResult.rank_disagreement`,
-  also in the manifest). Only rank 0 writes rows, checkpoints and the manifest. The loss and accuracy
-  are all-reduced before logging and before the finiteness check, so all ranks stop together.
+  also in the manifest). Only rank 0 writes rows, checkpoints and the manifest. Every rank starts from
+  the same seed (identical initialisation), then, before the first step, ranks > 0 switch to their own
+  random stream (`rank_seed`), so dropout draws independent masks on every rank as one process with the
+  global batch would; checkpoints hold every rank's RNG state and a resumed rank continues its own. The
+  loss and accuracy are all-reduced before logging and before the finiteness check, so all ranks stop
+  together.
   BatchNorm under DDP normalises with per-rank batch statistics: a BN model trained on W ranks is NOT
   the same as one process with the global batch (it is one with W "ghost batches"). Its symmetries are
   still exact (each rank's loss is scale invariant), so the tracker's exact predictions still hold, but
@@ -355,9 +359,42 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def rank_seed(seed: int, rank: int) -> int:
+    """The random stream of rank > 0 in a distributed run: a 63-bit seed from numpy's SeedSequence([seed, rank])
+    (rank 0 keeps `seed`'s stream, so a single process and rank 0 draw alike)."""
+    import numpy as np
+
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _gather_rng_states(world: int, device: torch.device) -> list[dict[str, Any]]:
+    """Every rank's `_rng_state()`, in rank order (a collective: all ranks call it at the same point).
+
+    The states are fixed-size uint8 tensors: one tensor all_gather each (on `device`, the backend's device),
+    the CUDA state of each rank's own device in the slot of device 0 of a list as `get_rng_state_all` gives it.
+    """
+    if world == 1:
+        return [_rng_state()]
+    import torch.distributed as dist
+
+    def gather(t: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(t, device=device) for _ in range(world)]
+        dist.all_gather(out, t.to(device))
+        return [o.cpu() for o in out]
+
+    cpu = gather(torch.get_rng_state())
+    states: list[dict[str, Any]] = [{"torch": c} for c in cpu]
+    if device.type == "cuda":
+        for st, c in zip(states, gather(torch.cuda.get_rng_state(device)), strict=True):
+            st["cuda_own"] = c
+    return states
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda_own" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_own"], device)
+    elif "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -432,13 +469,18 @@ def run_training(cfg: TrainConfig, *, run_dir: str | os.PathLike[str] | None = N
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         owns_pg = _init_distributed(device)
+    finished = False
     try:
-        return _run(cfg, Path(run_dir if run_dir is not None else cfg.resolved_run_dir), resume, console, progress,
-                    stop_after, rank, world, device)
+        result = _run(cfg, Path(run_dir if run_dir is not None else cfg.resolved_run_dir), resume, console, progress,
+                      stop_after, rank, world, device)
+        finished = True
+        return result
     finally:
         if owns_pg:
             import torch.distributed as dist
 
+            if finished:  # no rank tears its connections down while another still talks (gloo aborts then)
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -567,7 +609,12 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, console: Any, progress: 
             tracker.load_state_dict(state["tracker"])
         elif writer is not None:
             writer.truncate_from(int(state["step"]))
-        _set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        # a checkpoint written with another world size (or before per-rank states): rank 0's state for all
+        if isinstance(ranks, list) and len(ranks) == world:
+            _set_rng_state(ranks[rank], device)
+        else:
+            _set_rng_state(state["rng"])
         step = int(state["step"])
         metrics_log.restore(state.get("metrics_at_step") or [])
     elif restart_note is not None and writer is not None:
@@ -581,14 +628,18 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, console: Any, progress: 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     batches = _batches(loader, step * micro_per_step)
 
+    if state is None and world > 1 and rank > 0:
+        torch.manual_seed(rank_seed(cfg.seed, rank))
+
     def checkpoint() -> None:
+        rng_ranks = _gather_rng_states(world, device)  # collective: before rank 0 alone goes on
         if rank != 0:
             return
         _atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(),
                       "scaler": None if scaler is None else scaler.state_dict(),
                       "tracker": None if tracker is None else tracker.state_dict(),
-                      "rng": _rng_state(), "step": step, "config": cfg_dict,
+                      "rng": _rng_state(), "rng_ranks": rng_ranks, "step": step, "config": cfg_dict,
                       "metrics_at_step": metrics_log.state(step)}, ckpt_path)
         if writer is not None:
             writer.flush()
