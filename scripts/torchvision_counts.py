@@ -48,12 +48,21 @@ channel, LayerNorm over the features: e.g. everything that writes a pre-LN resid
 rescale = a channel behind a positively homogeneous map (ReLU, max/avg pooling, identity, layer scale,
 the product with a squeeze-and-excitation gate whose input absorbs the scale, attention weights applied
 to values) between its writers and readers, channels tied by residual additions and concatenations
-forming one group. Blocked ops are where a channel's scale cannot pass (non-homogeneous activations such as GELU,
-SiLU, hardswish, ReLU6 = hardtanh, sigmoid gates of squeeze-and-excitation, attention softmax).
+forming one group; plus the query/key pairs of attention: score(i, j) = sum_c q_{i,c} k_{j,c} (per head)
+is unchanged when query channel c scales by alpha and key channel c by 1/alpha, so the query
+projection's row c (and bias entry) as A1 and the key projection's row c (and bias entry) as A2 form one
+group per (attention layer, embedding coordinate): ViT (`scaled_dot_product_attention`) and Swin V1 (its
+explicit `q * scale @ k^T`) gain E groups per attention layer; Swin V2 none (its cosine attention
+normalises q and k, which is not homogeneous per coordinate). Blocked ops are where a channel's scale
+cannot pass (non-homogeneous activations such as GELU, SiLU, hardswish, ReLU6 = hardtanh, sigmoid gates
+of squeeze-and-excitation, attention softmax where queries and keys do not pair up).
 
 Known gaps (sound, not complete): MaxViT's attention is written with `einsum` (a barrier: no key-bias
-translation and no value rescale there); query/key rescale pairs (q_i -> a q_i, k_i -> k_i / a) are not
-detected; a parameter used by two operations is left out of every group.
+translation, no value rescale and no query/key pair there); query/key pairs are found only when each
+channel is written by one layer and reaches the scores alone through index maps and positively
+homogeneous ops (a rotary embedding, a key shared by several query heads, or any other use of q or k
+gives none, although some of those have a coarser joint symmetry); a parameter used by two operations
+is left out of every group.
 """
 
 

@@ -395,14 +395,16 @@ def test_post_norm_transformer_layer():
     m = TinyTransformer()
     x = torch.randint(0, 10, (2, 5))
     s = find_symmetries(m, x)
-    # attention (softmax of q.k) blocks q and k; given the weights the output is linear in v, so each value
-    # channel (in_proj rows 16:24 + bias) is read by out_proj's column: 8 rescale groups; the FFN hidden ReLU
+    # attention: score = sum_c q_c k_c, so query row c (in_proj rows 0:8 + bias) x alpha with key row c (rows 8:16
+    # + bias) x 1/alpha leaves every score unchanged: 8 query/key rescale pairs; given the weights the output is
+    # linear in v, so each value channel (in_proj rows 16:24 + bias) is read by out_proj's column: 8 rescale
+    # groups; the FFN hidden ReLU
     # gives 16 rescale groups; norm2's affine
     # is read by the head through the token mean (8). Two whole-stream groups: (emb columns + pos +
     # out_proj rows, read by in_proj, normalised jointly by norm1) and (norm1 affine + linear2 rows, read by
     # linear1, normalised by norm2). Translation: head 8 columns + bias, and the 8 key-bias coordinates
     # in_proj_bias[8:16] (q . (k_j + b) = q . k_j + q . b is constant over keys j: the softmax ignores it).
-    assert counts(s) == (17, 0, 34)
+    assert counts(s) == (17, 0, 42)
     value = s["rescale:enc.self_attn.in_proj_weight[16]"]
     assert set(value.members) == {Member("enc.self_attn.in_proj_weight", 0, (16,), "in"),
                                   Member("enc.self_attn.in_proj_bias", 0, (16,), "in"),
@@ -410,7 +412,12 @@ def test_post_norm_transformer_layer():
     assert any("value channel" in step for step in value.chain)
     key_bias = [g for g in s.filter("translation") if g.members[0].param == "enc.self_attn.in_proj_bias"]
     assert [g.members[0].index for g in key_bias] == [(j,) for j in range(8, 16)]
-    assert s.meta["blocked_ops"]["aten.scaled_dot_product_attention (queries, keys)"] == 1
+    assert "aten.scaled_dot_product_attention (queries, keys)" not in s.meta["blocked_ops"]
+    qk = s["rescale:enc.self_attn.in_proj_weight[3]~enc.self_attn.in_proj_weight[11]"]
+    assert set(qk.members) == {Member("enc.self_attn.in_proj_weight", 0, (3,), "in"),
+                               Member("enc.self_attn.in_proj_bias", 0, (3,), "in"),
+                               Member("enc.self_attn.in_proj_weight", 0, (11,), "out"),
+                               Member("enc.self_attn.in_proj_bias", 0, (11,), "out")}
     stream = s["rescale:emb[0]"]
     assert {mm.param for mm in stream.members if mm.role == "in"} == {
         "emb.weight", "pos", "enc.self_attn.out_proj.weight", "enc.self_attn.out_proj.bias"}

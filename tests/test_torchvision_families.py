@@ -251,14 +251,25 @@ def test_vit_key_bias_pre_ln_stream_and_no_rescale_through_gelu():
     # softmax translation of the classifier: 768 columns + bias
     assert sum(g.layer == "heads.head" for g in s.filter("translation")) == 769
     # attention is linear in the values once the weights are fixed: value channel i (in_proj rows 1536 + i)
-    # is read by out_proj's column i; queries and keys (rows 0:1536) are in no rescale group
+    # is read by out_proj's column i
     value = s[f"rescale:{layers[2]}.self_attention.in_proj_weight[1541]"]
     assert Member(f"{layers[2]}.self_attention.out_proj.weight", 1, (5,), "out") in value.members
-    rows = {i for g in s.filter("rescale") for mm in g.members
-            if mm.param.endswith("in_proj_weight") and mm.dim == 0 for i in mm.index}
-    assert rows == set(range(1536, 2304))
-    certify_groups(m, [stream, key[0], key[-1], s[f"rescale:{layers[3]}.ln_2[7]"], value], x)
+    value_rows = {i for g in s.filter("rescale") for mm in g.members if mm.param.endswith("in_proj_weight")
+                  and mm.dim == 0 and any(x.param.endswith("out_proj.weight") for x in g.members) for i in mm.index}
+    assert value_rows == set(range(1536, 2304))
+    # queries and keys: score = sum_c q_c k_c per head, so query row r (A1, with its bias) pairs with key row
+    # 768 + r (A2): 768 rescale groups per layer, nothing else
+    pairs = [g for g in s.filter("rescale") if all(mm.dim == 0 for mm in g.members)]
+    assert len(pairs) == 12 * 768 and s.counts()["rescale"] == 28416 + 12 * 768
+    w, b = f"{layers[4]}.self_attention.in_proj_weight", f"{layers[4]}.self_attention.in_proj_bias"
+    assert set(s[f"rescale:{w}[3]~{w}[771]"].members) == {
+        Member(w, 0, (3,), "in"), Member(b, 0, (3,), "in"), Member(w, 0, (771,), "out"), Member(b, 0, (771,), "out")}
+    assert {(mm.index[0], mm.role) for g in pairs for mm in g.members if mm.param.endswith("in_proj_weight")} == {
+        *((r, "in") for r in range(768)), *((r, "out") for r in range(768, 1536))}
+    assert not any("scaled_dot_product_attention" in k for k in s.meta["blocked_ops"])
+    certify_groups(m, [stream, key[0], key[-1], s[f"rescale:{layers[3]}.ln_2[7]"], value, pairs[0], pairs[-1]], x)
     assert any("scaled_dot_product_attention" in step for step in key[0].chain)
+    assert any("score = sum_c q_c k_c" in step for step in pairs[0].chain)
 
 
 def test_swin_key_bias_and_stage_streams():
@@ -277,13 +288,27 @@ def test_swin_key_bias_and_stage_streams():
         "scale:features.4.reduction[0]", "scale:features.6.reduction[0]"}
     stage1 = {mm.param for mm in s["scale:features.0.2[0]"].members}
     assert {"features.1.0.attn.proj.weight", "features.1.1.mlp.3.bias"} <= stage1
-    certify_groups(m, [key[0], key[-1], s["scale:features.0.2[0]"], s["scale:features.4.reduction[0]"]], x)
+    # queries and keys: (q * scale) @ k^T pairs query row r of qkv (A1, with its bias) with key row C + r (A2):
+    # C rescale groups per block, the explicit matmul is no longer a barrier
+    pairs = [g for g in s.filter("rescale") if all(mm.dim == 0 for mm in g.members)]
+    assert len(pairs) == sum(d * c for d, c in zip(depths, dims, strict=True))
+    assert s.counts()["rescale"] == 16704 + len(pairs)
+    w, b = "features.5.3.attn.qkv.weight", "features.5.3.attn.qkv.bias"
+    pair = s["rescale:features.5.3.attn.qkv[7]~features.5.3.attn.qkv[391]"]
+    assert set(pair.members) == {Member(w, 0, (7,), "in"), Member(b, 0, (7,), "in"), Member(w, 0, (391,), "out"),
+                                 Member(b, 0, (391,), "out")}
+    assert "aten.matmul" not in s.meta["blocked_ops"]
+    certify_groups(m, [key[0], key[-1], s["scale:features.0.2[0]"], s["scale:features.4.reduction[0]"], pairs[0],
+                       pairs[-1], pair], x)
 
 
 def test_swin_v2_cosine_attention_has_no_key_bias_translation():
     m, x, s = _detected("swin_v2_t")
-    # V2 normalises q and k (cosine attention) and zeroes the key part of qkv.bias: no key-bias translation.
+    # V2 normalises q and k (cosine attention) and zeroes the key part of qkv.bias: no key-bias translation,
+    # and no query/key rescale pair (F.normalize is not homogeneous per coordinate).
     assert not any(g.members[0].param.endswith("qkv.bias") for g in s.filter("translation"))
+    assert not any(mm.param.endswith("qkv.weight") and mm.dim == 0 for g in s.filter("rescale") for mm in g.members)
+    assert s.counts()["rescale"] == 6912
     # post-norm blocks: x + norm1(attn(x)): each attn.proj / mlp.3 writes into its own LayerNorm -> scale
     assert "scale:features.1.0.attn.proj[0]" in s and "scale:features.1.1.mlp.3[0]" in s
     certify_groups(m, [s["scale:features.1.0.attn.proj[0]"]], x)

@@ -76,12 +76,22 @@ def test_key_bias_is_a_translation_in_every_direction(tokens):
     certify_groups(m, key, tokens)
     # the values: once the attention weights are fixed the output is linear in v, so value channel i
     # (in_proj rows 2E + i and bias) is read by out_proj's column i
-    value = [g for g in s.filter("rescale") if g.layer == "layers.0.self_attn"]
+    attn = [g for g in s.filter("rescale") if g.layer == "layers.0.self_attn"]
+    value = [g for g in attn if any(mm.param.endswith("out_proj.weight") for mm in g.members)]
     assert len(value) == E
     assert set(value[1].members) == {Member("layers.0.self_attn.in_proj_weight", 0, (2 * E + 1,), "in"),
                                      Member("layers.0.self_attn.in_proj_bias", 0, (2 * E + 1,), "in"),
                                      Member("layers.0.self_attn.out_proj.weight", 1, (1,), "out")}
     certify_groups(m, value, tokens)
+    # queries and keys: score = sum_c q_c k_c per head, so query row r (x alpha) pairs with key row E + r
+    # (x 1/alpha), weights and biases: E more rescale groups per layer, A2 overlapping the key-bias translations
+    pairs = [g for g in attn if g not in value]
+    assert len(pairs) == E
+    w, b = "layers.0.self_attn.in_proj_weight", "layers.0.self_attn.in_proj_bias"
+    assert {frozenset(g.members) for g in pairs} == {
+        frozenset({Member(w, 0, (r,), "in"), Member(b, 0, (r,), "in"), Member(w, 0, (E + r,), "out"),
+                   Member(b, 0, (E + r,), "out")}) for r in range(E)}
+    certify_groups(m, pairs, tokens)
 
 
 def test_pre_ln_stream_is_one_scale_group(tokens):

@@ -7,6 +7,10 @@ INVARIANT can be scaled by alpha > 0 without changing the loss, compensating eve
 - K has no readers but a train-mode normaliser absorbs it -> "scale": A = writers of K;
 - K has neither (its value is never used)     -> skipped (counted in meta["unused_classes"]).
 
+Query/key pairs (rules.QKPair: a query channel class and a key channel class met only at one coordinate
+of an attention contraction) are rescale groups of their own: A1 = the query writers, A2 = the key
+writers (`_qk_groups`).
+
 Translation groups come from translation.py. Nothing here looks at parameter names except to report
 them: all structure comes from the captured graph.
 """
@@ -30,6 +34,7 @@ from neural_mechanics.symmetry.rules import (
     LEAKS,
     Analysis,
     Contribution,
+    QKPair,
     Role,
     base_op,
     module_of,
@@ -167,6 +172,37 @@ def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
     return groups
 
 
+def _qk_stem(contribs: list[Contribution]) -> str:
+    first = contribs[0]
+    return f"{_key(first.param)}[{'*' if first.index is None else first.index[0]}]"
+
+
+def _qk_group(pair: QKPair) -> Symmetry:
+    """rescale: alpha on the query writers (A1), 1/alpha on the key writers (A2) of one score coordinate."""
+    key = [Contribution(c.slot, c.param, c.dim, c.index, "out", c.event, c.sub) for c in pair.key]
+    stem = f"{_qk_stem(pair.query)}~{_qk_stem(pair.key)}"
+    return Symmetry(
+        kind="rescale",
+        name=f"rescale:{stem}",
+        members=_members(pair.query) + _members(key),
+        layer=module_of(pair.query[0].param),
+        chain=_chain([*pair.query, *key], [pair.text]),
+    )
+
+
+def _qk_groups(a: Analysis, taken: set[str]) -> list[Symmetry]:
+    """One rescale group per query/key pair (names made unique against `taken`, the other groups' names)."""
+    groups = []
+    for pair in a.qk_pairs:
+        g = _qk_group(pair)
+        if g.name in taken:
+            n = sum(1 for t in taken if t.startswith(g.name))
+            g = Symmetry(g.kind, f"{g.name}#{n}", g.members, g.layer, g.chain)
+        taken.add(g.name)
+        groups.append(g)
+    return groups
+
+
 def _translation_groups(a: Analysis) -> list[Symmetry]:
     groups = []
     for site in find_translation_sites(a):
@@ -244,6 +280,8 @@ def _find(model: nn.Module, example_inputs: Any, loss: LossSpec, wanted: set[str
     groups: list[Symmetry] = []
     if wanted is None or wanted & {"scale", "rescale"}:
         groups += _channel_groups(a, meta)
+        groups += _qk_groups(a, {g.name for g in groups})
+        meta["query_key_pairs"] = len(a.qk_pairs)
     if wanted is None or "translation" in wanted:
         groups += _translation_groups(a)
     if wanted is not None:
