@@ -233,11 +233,19 @@ def _batches(loader: Any, start_micro: int) -> Iterator[tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DatasetInfo, device: torch.device, batch_size: int = 512) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over a whole split, in eval mode (mode restored afterwards)."""
+def evaluate(model: nn.Module, data: DatasetInfo, device: torch.device, batch_size: int = 512, *,
+             rank: int = 0, world: int = 1) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over a whole split, in eval mode (mode restored afterwards).
+
+    Under DDP (world > 1) rank r evaluates samples r, r + world, ... (each sample exactly once, no padding) and
+    the sums (loss, correct, count) are all-reduced, so every rank returns the whole split's numbers.
+    """
     was_training = model.training
     model.eval()
-    loader = make_loader(data, batch_size, shuffle=False)
+    dataset = data.dataset
+    if world > 1:
+        dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))  # type: ignore[arg-type]
+    loader = make_loader(dataset, batch_size, shuffle=False)
     total, loss_sum, correct = 0, 0.0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
@@ -246,7 +254,8 @@ def evaluate(model: nn.Module, data: DatasetInfo, device: torch.device, batch_si
         correct += int((out.argmax(1) == y).sum())
         total += len(y)
     model.train(was_training)
-    return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+    loss_sum, correct_f, total_f = _all_reduce_sum([loss_sum, float(correct), float(total)], device, world)
+    return {"loss": loss_sum / max(total_f, 1.0), "accuracy": correct_f / max(total_f, 1.0)}
 
 
 # ---- run directory and checkpoints -----------------------------------------------------------------
@@ -721,7 +730,7 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, console: Any, progress: 
                     metrics_log.log(step, "train", loss=train_loss, accuracy=acc,
                                     lr=optimizer.param_groups[0]["lr"])
                 if cfg.eval_every and (step % cfg.eval_every == 0) and step < total_steps:
-                    ev = evaluate(model, eval_data, device)
+                    ev = evaluate(model, eval_data, device, rank=rank, world=world)
                     metrics.update({f"eval_{k}": v for k, v in ev.items()})
                     metrics_log.log(step, cfg.dataset.eval_split, **ev)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -729,7 +738,7 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, console: Any, progress: 
                 elapsed = time.perf_counter() - started
                 bar.update(task, completed=step, loss=train_loss, acc=acc, rate=steps_this_call / max(elapsed, 1e-9))
         if status == "finished":
-            ev = evaluate(model, eval_data, device)
+            ev = evaluate(model, eval_data, device, rank=rank, world=world)
             metrics.update({f"eval_{k}": v for k, v in ev.items()})
             metrics_log.log(step, cfg.dataset.eval_split, **ev)
         if tracker is not None and world > 1:
