@@ -486,9 +486,15 @@ def run_training(cfg: TrainConfig, *, run_dir: str | os.PathLike[str] | None = N
         return result
     finally:
         if owns_pg:
+            import gc
+
             import torch.distributed as dist
 
-            if finished:  # no rank tears its connections down while another still talks (gloo aborts then)
+            # DDP's reducer sits in reference cycles that hold the process group: collect them now, while the
+            # interpreter is whole, not at exit (a gloo group destroyed during finalisation aborts the process),
+            # and let no rank tear its connections down while another still talks.
+            gc.collect()
+            if finished:
                 dist.barrier()
             dist.destroy_process_group()
 
