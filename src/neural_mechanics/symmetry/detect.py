@@ -7,7 +7,7 @@ INVARIANT can be scaled by alpha > 0 without changing the loss, compensating eve
 - K has no readers but a train-mode normaliser absorbs it -> "scale": A = writers of K;
 - K has neither (its value is never used)     -> skipped (counted in meta["unused_classes"]).
 
-Query/key pairs (rules.QKPair: a query channel class and a key channel class met only at one coordinate
+Query/key pairs (attention.QKPair: a query channel class and a key channel class met only at one coordinate
 of an attention contraction) are rescale groups of their own: A1 = the query writers, A2 = the key
 writers (`_qk_groups`).
 
@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from neural_mechanics.symmetry.attention import QKPair
 from neural_mechanics.symmetry.capture import LossSpec, capture
 from neural_mechanics.symmetry.graph import INVARIANT
 from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet, _short_index
@@ -34,7 +35,6 @@ from neural_mechanics.symmetry.rules import (
     LEAKS,
     Analysis,
     Contribution,
-    QKPair,
     Role,
     base_op,
     module_of,

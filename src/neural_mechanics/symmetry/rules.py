@@ -22,32 +22,39 @@ alpha, nothing else changed) leaves the loss unchanged when every op is consiste
 Parameters that are frozen or used by more than one op never enter a group: a writer or reader
 whose parameter cannot be scaled acts as a barrier for that role.
 
-Contractions of two moving factors (attention scores q k^T, in `scaled_dot_product_attention` or an
-explicit `matmul`) are the one place where two classes scale in opposite directions: score(i, j) =
-sum_c q_{i,c} k_{j,c} is unchanged when query channel c scales by alpha and key channel c by 1/alpha.
-The rules record such a site (`ContractionSite`) instead of tainting its factors at once; once every op
-has been seen, `resolve_contractions` keeps the pairs whose classes do nothing else (no readers, no
-normalisers, no ties, one writer layer, one contraction coordinate: `QKPair`) and then taints every
-factor, so that no ordinary group is built from a query or key channel.
+Contractions of two moving factors (attention scores q k^T) live in attention.py; the data every rule
+reads and writes (`Analysis`, `Contribution`) and the small op helpers live in analysis.py.
 """
 
 from __future__ import annotations
 
-import operator
-from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.fx import Node
 
+from neural_mechanics.symmetry.analysis import (
+    Analysis,
+    Contribution,
+    Labels,
+    Role,
+    arg,
+    base_op,
+    dims_text,
+    flat_args,
+    invariant_outputs,
+    module_of,
+    ndim_of,
+    opname,
+    shape_of,
+)
+from neural_mechanics.symmetry.attention import h_matmul, h_sdpa, resolve_contractions
 from neural_mechanics.symmetry.capture import CapturedGraph
 from neural_mechanics.symmetry.graph import (
     INVARIANT,
     ZERO,
-    UnionFind,
     collapse,
     compress,
     fit,
@@ -61,224 +68,6 @@ from neural_mechanics.symmetry.graph import (
 )
 from neural_mechanics.symmetry.groups import _short_index
 
-Role = Literal["in", "out"]
-Labels = Any  # Tensor | list[Tensor] | None
-
-
-@dataclass
-class Contribution:
-    """Parameter slice `param[index along dim]` writes (role "in") or reads (role "out") `slot`."""
-
-    slot: int
-    param: str
-    dim: int | None
-    index: tuple[int, ...] | None
-    role: Role
-    event: str
-    """Template for `Symmetry.chain`; "{idx}" is replaced by the merged indices."""
-    sub: tuple[int, tuple[int, ...]] | None = None
-    """Optional second restriction (dim, index): the slice is the block `param[index on dim][sub]`."""
-
-
-@dataclass
-class ContractionSite:
-    """out[..., i, j] = sum_c x[..., i, c] y[..., j, c] with both factors moving (queries x, keys y).
-
-    `pairs` holds the distinct (c, query slot, key slot) met at the contraction: query channel c is one slot
-    over every query token and key channel c one slot over every key token, per batch/head position.
-    """
-
-    node: Node
-    pairs: list[tuple[int, int, int]]
-    slots: list[int]
-    """Every live slot of both factors (tainted once the site is resolved)."""
-    what: str
-    """How the op is named in `.details()`, e.g. "aten.matmul (matmul_2)"."""
-    blocked_as: str | None = None
-    """The `Analysis.blocked` key counted if a pair fails (None: already counted at the op)."""
-
-
-@dataclass
-class QKPair:
-    """A query channel class and a key channel class met only at one contraction coordinate.
-
-    Scaling the query writers by alpha and the key writers by 1/alpha (alpha > 0) scales q_{.,c} by alpha
-    and k_{.,c} by 1/alpha, which leaves every score sum_c q_{i,c} k_{j,c} (and so the loss) unchanged.
-    """
-
-    query: list[Contribution]
-    key: list[Contribution]
-    coord: int
-    text: str
-
-
-@dataclass
-class Analysis:
-    """The result of running the rules over a captured graph."""
-
-    cap: CapturedGraph
-    uf: UnionFind = field(default_factory=UnionFind)
-    contributions: list[Contribution] = field(default_factory=list)
-    normalised: dict[int, list[str]] = field(default_factory=dict)
-    """slot -> events of normalisers that absorb its scale."""
-    couplings: list[tuple[int, str]] = field(default_factory=list)
-    blocked: Counter = field(default_factory=Counter)
-    eval_batchnorm: list[str] = field(default_factory=list)
-    unusable: dict[str, str] = field(default_factory=dict)
-    """parameter name -> why it cannot be in a group (frozen, shared)."""
-    env: dict[Node, Labels] = field(default_factory=dict)
-    dead: list[Node] = field(default_factory=list)
-    """Ops whose value never reaches the output nor Python (an unused branch)."""
-    weight_norms: dict[Node, tuple[str, str, int]] = field(default_factory=dict)
-    """`_weight_norm` node -> (v name, g name, dim)."""
-    scale_chains: dict[Node, Any] = field(default_factory=dict)
-    """End of a parameter's reshape chain -> (parameter node, chain) for `gamma.view(...) * x`."""
-    contraction_sites: list[ContractionSite] = field(default_factory=list)
-    """Query/key contractions whose factors are tainted only at the end (`resolve_contractions`)."""
-    qk_pairs: list[QKPair] = field(default_factory=list)
-    """Query/key channel pairs that form a rescale group (filled by `resolve_contractions`)."""
-
-    # ---- parameters --------------------------------------------------------------------------
-    def param_name(self, arg: Any) -> str | None:
-        return self.cap.params.get(arg) if isinstance(arg, Node) else None
-
-    def usable(self, name: str | None) -> bool:
-        return name is not None and name not in self.unusable
-
-    # ---- labels ------------------------------------------------------------------------------
-    def lab(self, arg: Any, ndim: int | None = None) -> Tensor:
-        """Labels of an argument (scalars and non-tensors are INVARIANT), fitted to rank `ndim`."""
-        if isinstance(arg, Node):
-            if arg not in self.env and arg in self.cap.params:
-                self.env[arg] = self.param_as_activation(arg)
-            v = self.env.get(arg)
-            if isinstance(v, Tensor):
-                return v if ndim is None else fit(v, ndim)
-        return invariant_label(0 if ndim is None else ndim)
-
-    def param_as_activation(self, node: Node) -> Tensor:
-        """A parameter entering an op as data (positional embedding, class token, x + bias): a writer.
-
-        Slots run along its last dimension of size > 1 (all other dimensions share them, a coarser but
-        sound choice); member `param[i along that dim]` scales slot i.
-        """
-        name = self.cap.params[node]
-        shape = tuple(shape_of(node))
-        if not self.usable(name):
-            return invariant_label(len(shape))
-        dims = [d for d, s in enumerate(shape) if s > 1]
-        if not dims:
-            slot = self.uf.new(1)
-            self.contributions.append(
-                Contribution(slot, name, None, None, "in", f"{name}: used directly as an activation")
-            )
-            return torch.full((1,) * len(shape), slot, dtype=torch.long)
-        d = dims[-1]
-        base = self.uf.new(shape[d])
-        for i in range(shape[d]):
-            self.contributions.append(
-                Contribution(base + i, name, d, (i,), "in", f"{name}: used directly as an activation, index {{idx}}")
-            )
-        view = [1] * len(shape)
-        view[d] = shape[d]
-        return (base + torch.arange(shape[d])).view(view)
-
-    def fresh(self, n: int, ndim: int, dim: int) -> tuple[int, Tensor]:
-        """Allocate n fresh slots laid out along `dim` of a rank-`ndim` activation."""
-        base = self.uf.new(n)
-        view = [1] * ndim
-        view[dim] = n
-        return base, (base + torch.arange(n)).view(view)
-
-    def taint_args(self, args: Iterable[Any]) -> bool:
-        """Taint every slot that reaches one of `args` (the graph nodes among them); True if any slot was live."""
-        found = False
-        for arg in args:
-            if isinstance(arg, Node):
-                lab = self.lab(arg)
-                if live(lab):
-                    found = True
-                    taint(self.uf, lab)
-        return found
-
-    def barrier(self, node: Node) -> Labels:
-        """Taint every slot reaching `node`; its output does not move."""
-        if self.taint_args(_flat_args(node)):
-            self.blocked[opname(node)] += 1
-        return invariant_outputs(node)
-
-
-# ---- helpers ---------------------------------------------------------------------------------
-def opname(node: Node) -> str:
-    t = node.target
-    if t is operator.getitem:
-        return "getitem"
-    packet = getattr(t, "overloadpacket", None)
-    return str(packet) if packet is not None else getattr(t, "__name__", str(t))
-
-
-def base_op(node: Node) -> str:
-    """`aten.relu_` -> `relu`: the op name without namespace and in-place suffix."""
-    name = opname(node).rpartition(".")[2]
-    if name.endswith("_") and not name.endswith("__"):
-        name = name[:-1]
-    return name
-
-
-def shape_of(node: Any) -> tuple[int, ...]:
-    v = node.meta.get("val") if isinstance(node, Node) else None
-    return tuple(int(s) for s in v.shape) if isinstance(v, Tensor) else ()
-
-
-def ndim_of(node: Any) -> int:
-    return len(shape_of(node))
-
-
-def invariant_outputs(node: Node) -> Labels:
-    v = node.meta.get("val")
-    if isinstance(v, Tensor):
-        return invariant_label(v.ndim)
-    if isinstance(v, (list, tuple)):
-        return [invariant_label(x.ndim) if isinstance(x, Tensor) else None for x in v]
-    return None
-
-
-def _flat_args(node: Node) -> list[Any]:
-    out: list[Any] = []
-
-    def visit(a: Any) -> None:
-        if isinstance(a, (list, tuple)):
-            for x in a:
-                visit(x)
-        elif isinstance(a, dict):
-            for x in a.values():
-                visit(x)
-        else:
-            out.append(a)
-
-    visit(node.args)
-    visit(node.kwargs)
-    return out
-
-
-def arg(node: Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def module_of(param: str) -> str:
-    return param.rpartition(".")[0] or param
-
-
-def _dims_text(ndim: int, skip: int) -> str:
-    names = {1: ["N"], 2: ["N"], 3: ["N", "L"], 4: ["N", "H", "W"], 5: ["N", "D", "H", "W"]}.get(ndim)
-    if names is None:
-        names = [f"d{i}" for i in range(ndim) if i != skip]
-    return "(" + ",".join(names) + ")"
-
-
-# ---- op tables -------------------------------------------------------------------------------
 PASS_THROUGH = {
     "relu", "leaky_relu", "dropout", "feature_dropout", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
     "neg", "abs", "positive", "_to_copy", "to", "type_as", "prelu", "_prelu_kernel", "identity",
@@ -832,7 +621,7 @@ def h_batch_norm(a: Analysis, node: Node) -> Labels:
     if training:
         kind = "train" if op == "batch_norm" else "batch statistics"
         what = f"{layer}: {opname(node)} ({kind})"
-        over = _dims_text(nd, 1)
+        over = dims_text(nd, 1)
         _normalise_channels(a, lx, c, lambda ch: f"{what} normalises channel {ch} over {over}")
     else:
         if op == "batch_norm":
@@ -920,102 +709,6 @@ def h_embedding(a: Analysis, node: Node) -> Labels:
     return lab
 
 
-def _contraction_site(a: Analysis, node: Node, x: Any, y: Any, y_transposed: bool) -> ContractionSite | None:
-    """The site of sum_c x[..., i, c] y[..., j, c] (y[..., c, j] when `y_transposed`), or None if unpaired.
-
-    Paired means: both factors are live and, at every batch/head position, query channel c carries one live
-    slot over all query tokens i and key channel c one live slot over all key tokens j; then scaling that
-    query slot by alpha and that key slot by 1/alpha leaves every term q_{i,c} k_{j,c} unchanged.
-    """
-    sx, sy = shape_of(x), shape_of(y)
-    if len(sx) < 2 or len(sy) < 2:
-        return None
-    lx, ly = a.lab(x, len(sx)), a.lab(y, len(sy))
-    if not (live(lx) and live(ly)):
-        return None
-    if y_transposed:
-        ly, sy = ly.transpose(-2, -1), (*sy[:-2], sy[-1], sy[-2])
-    n = sx[-1]
-    if sy[-1] != n:
-        return None
-    try:
-        batch = torch.broadcast_shapes(tuple(lx.shape[:-2]), tuple(ly.shape[:-2]))
-    except RuntimeError:
-        return None
-    lx = lx.expand(*batch, lx.shape[-2], n)
-    ly = ly.expand(*batch, ly.shape[-2], n)
-    qx, ky = lx.narrow(-2, 0, 1), ly.narrow(-2, 0, 1)
-    if not (bool((lx == qx).all()) and bool((ly == ky).all())):
-        return None  # a channel carries different slots over the tokens (a coarser joint action: not tried)
-    qx, ky = qx.squeeze(-2), ky.squeeze(-2)
-    if not (bool((qx > 0).all()) and bool((ky > 0).all())):
-        return None  # a channel that does not move on one side cannot compensate the other
-    coord = torch.arange(n).expand(qx.shape)
-    pairs = torch.unique(torch.stack([coord.reshape(-1), qx.reshape(-1), ky.reshape(-1)], 1), dim=0)
-    return ContractionSite(node, [(int(c), int(q), int(k)) for c, q, k in pairs.tolist()],
-                           slots_in(qx) + slots_in(ky), f"{opname(node)} ({node.name})", opname(node))
-
-
-def h_matmul(a: Analysis, node: Node) -> Labels:
-    """x @ W with one side that does not move: linear in the other side, which passes its channels on.
-
-    out[..., i, d] = sum_j A[..., i, j] V[..., j, d]: with A fixed (attention weights: a softmax of
-    queries and keys), V's slots are mixed along j (united) and keep their channel d; with the right
-    factor fixed, the left's slots are mixed along its last dim. Both factors moving (scores q @ k^T):
-    the output does not move under the paired action (query channel c by alpha, key channel c by
-    1/alpha), recorded as a `ContractionSite`; a barrier when the channels do not pair up.
-    """
-    x, y = node.args[0], node.args[1]
-    nd = ndim_of(node)
-    if ndim_of(x) < 2 or ndim_of(y) < 2:
-        return a.barrier(node)
-    lx, ly = a.lab(x, ndim_of(x)), a.lab(y, ndim_of(y))
-    if live(lx) and live(ly):
-        site = _contraction_site(a, node, x, y, y_transposed=True)
-        if site is None:
-            return a.barrier(node)
-        a.contraction_sites.append(site)
-        return invariant_label(nd)
-    if live(ly):  # attention @ values: channel d of V stays channel d
-        out = fit(collapse(a.uf, ly, [ly.ndim - 2]), nd)
-        text = f"{opname(node)} ({node.name}): fixed weights @ values keeps value channel d as output channel d"
-        for slot in slots_in(out):
-            a.couplings.append((slot, text))
-        return out
-    if live(lx):
-        return fit(collapse(a.uf, lx, [lx.ndim - 1]), nd)
-    return invariant_label(nd)
-
-
-def h_sdpa(a: Analysis, node: Node) -> Labels:
-    """scaled_dot_product_attention(q, k, v, mask): softmax(q k^T / sqrt(d) + mask) v.
-
-    The weights depend on q and k only through the scores sum_c q_{i,c} k_{j,c}: query channel c by
-    alpha with key channel c by 1/alpha leaves them unchanged (a `ContractionSite`, resolved at the end);
-    q and k are a barrier otherwise (a softmax of their product is not homogeneous in either). Given the
-    weights, the output is linear in v: value channel d (mixed over the keys) becomes output channel d.
-    """
-    q, k, v = node.args[0], node.args[1], node.args[2]
-    blocked = a.taint_args(_flat_args(node)[3:])  # masks and the like: the scores must not move
-    gqa = bool(node.kwargs.get("enable_gqa", False))
-    site = None if gqa else _contraction_site(a, node, q, k, y_transposed=False)
-    if site is not None:
-        site.blocked_as = None if blocked else f"{opname(node)} (queries, keys)"
-        a.contraction_sites.append(site)
-    elif a.taint_args((q, k)):
-        blocked = True
-    if blocked:
-        a.blocked[f"{opname(node)} (queries, keys)"] += 1
-    lv = a.lab(v, ndim_of(v))
-    if not live(lv):
-        return invariant_label(ndim_of(node))
-    out = fit(collapse(a.uf, lv, [lv.ndim - 2]), ndim_of(node))
-    text = f"{opname(node)} ({node.name}): output channel d = attention-weighted sum of value channel d over the keys"
-    for slot in slots_in(out):
-        a.couplings.append((slot, text))
-    return out
-
-
 def h_zero_factory(a: Analysis, node: Node) -> Labels:
     return zero_label(ndim_of(node))
 
@@ -1071,76 +764,6 @@ def _reaching_output(graph: torch.fx.Graph) -> set[Node]:
     return seen
 
 
-Use = tuple[int, int, int, int]
-"""(site number, contraction coordinate c, query class root, key class root)."""
-
-
-def _contraction_ok(use: Use, contribs: dict[int, list[Contribution]], uses: dict[int, set[Use]],
-                    tied: set[int]) -> bool:
-    """Whether the query class and the key class of `use` form a QKPair.
-
-    Each class must be live, distinct from the other, met at exactly this contraction coordinate and on
-    this side only (no other site, no other coordinate: rotary embeddings or a q used twice fail here),
-    written only by slices of one layer's parameters, and neither read, normalised nor tied by an addition
-    or concatenation to anything (`tied`). Cosine attention never gets here: its normalised q and k do not
-    move at the contraction.
-    """
-    _, _, rq, rk = use
-    if rq == rk or INVARIANT in (rq, rk) or uses[rq] != {use} or uses[rk] != {use}:
-        return False
-    for r in (rq, rk):
-        cs = contribs.get(r)
-        if not cs or r in tied or any(x.role != "in" for x in cs) or len({module_of(x.param) for x in cs}) != 1:
-            return False
-    return True
-
-
-def resolve_contractions(a: Analysis) -> None:
-    """Turn the recorded contraction sites into `QKPair`s, then taint every query and key slot.
-
-    Runs once every op has been labelled, when the classes are final: `uses` maps every class root to
-    the uses it has (as a query or as a key), so a class used twice, or as a query at one site and as a
-    key at another, is seen. Sites with a pair that does not qualify count as blocked.
-    """
-    if not a.contraction_sites:
-        return
-    uf = a.uf
-    uses: dict[int, set[Use]] = {}
-    site_uses: list[set[Use]] = []
-    for i, site in enumerate(a.contraction_sites):
-        found: set[Use] = set()
-        for c, sq, sk in site.pairs:
-            use = (i, c, uf.find(sq), uf.find(sk))
-            found.add(use)
-            uses.setdefault(use[2], set()).add(use)
-            uses.setdefault(use[3], set()).add(use)
-        site_uses.append(found)
-    roots = set(uses) - {INVARIANT}
-    contribs: dict[int, list[Contribution]] = {}
-    for x in a.contributions:
-        r = uf.find(x.slot)
-        if r in roots:
-            contribs.setdefault(r, []).append(x)
-    tied = {r for r in (uf.find(s) for s in a.normalised) if r in roots}
-    tied |= {r for r in (uf.find(s) for s, _ in a.couplings) if r in roots}
-    for site, found in zip(a.contraction_sites, site_uses, strict=True):
-        ok_all = True
-        for use in sorted(found, key=lambda u: (u[2], u[3], u[1])):
-            _, c, rq, rk = use
-            if not _contraction_ok(use, contribs, uses, tied):
-                ok_all = False
-                continue
-            a.qk_pairs.append(QKPair(contribs[rq], contribs[rk], c, (
-                f"{site.what}: score = sum_c q_c k_c: query channel c = {c} (x alpha) x key channel c = {c} "
-                "(x 1/alpha) leaves every score unchanged; both reach it only through index maps and "
-                "positively homogeneous ops")))
-        if not ok_all and site.blocked_as is not None:
-            a.blocked[site.blocked_as] += 1
-    for site in a.contraction_sites:
-        for s in site.slots:
-            uf.union(INVARIANT, s)
-
-
 def run_rules(cap: CapturedGraph) -> Analysis:
     """Label every node of the captured graph, uniting and tainting slots as the ops demand."""
     a = Analysis(cap)
@@ -1149,7 +772,7 @@ def run_rules(cap: CapturedGraph) -> Analysis:
             a.unusable[name] = "frozen (requires_grad=False)"
     live_nodes = _reaching_output(cap.graph)
     for node, name in cap.params.items():
-        uses = sum(1 for u in node.users if u in live_nodes for x in _flat_args(u) if x is node)
+        uses = sum(1 for u in node.users if u in live_nodes for x in flat_args(u) if x is node)
         if uses > 1 and name not in a.unusable:
             a.unusable[name] = f"shared: used by {uses} operations"
     a.scale_chains = find_scale_chains(cap.graph, cap.params, live_nodes)
@@ -1167,7 +790,7 @@ def run_rules(cap: CapturedGraph) -> Analysis:
                 a.env[node] = invariant_outputs(node)
             continue
         if node.op == "output":
-            for x in _flat_args(node):
+            for x in flat_args(node):
                 if isinstance(x, Node):
                     taint(a.uf, a.lab(x))
             continue
@@ -1184,5 +807,5 @@ def run_rules(cap: CapturedGraph) -> Analysis:
     return a
 
 
-__all__ = ["HANDLERS", "INVARIANT", "Analysis", "ContractionSite", "Contribution", "QKPair", "opname",
-           "resolve_contractions", "run_rules"]
+__all__ = ["HANDLERS", "INVARIANT", "LEAKS", "Analysis", "Contribution", "Role", "arg", "base_op", "module_of",
+           "ndim_of", "opname", "run_rules", "shape_of"]

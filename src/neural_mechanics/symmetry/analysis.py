@@ -1,0 +1,215 @@
+"""What the per-op rules read and write: the `Analysis` of one captured graph and its `Contribution`s.
+
+A rule labels every activation entry with a channel slot (graph.py), unites slots that must scale together,
+taints slots that cannot move, and records which parameter slices write or read each slot. This module holds
+that state and the small helpers every rule uses (op names, shapes, arguments); the rules themselves are in
+rules.py (most ops) and attention.py (contractions of two moving factors).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+from torch.fx import Node
+
+from neural_mechanics.symmetry.capture import CapturedGraph
+from neural_mechanics.symmetry.graph import (
+    UnionFind,
+    fit,
+    invariant_label,
+    live,
+    taint,
+)
+
+if TYPE_CHECKING:
+    from neural_mechanics.symmetry.attention import ContractionSite, QKPair
+
+Role = Literal["in", "out"]
+Labels = Any  # Tensor | list[Tensor] | None
+
+
+@dataclass
+class Contribution:
+    """Parameter slice `param[index along dim]` writes (role "in") or reads (role "out") `slot`."""
+
+    slot: int
+    param: str
+    dim: int | None
+    index: tuple[int, ...] | None
+    role: Role
+    event: str
+    """Template for `Symmetry.chain`; "{idx}" is replaced by the merged indices."""
+    sub: tuple[int, tuple[int, ...]] | None = None
+    """Optional second restriction (dim, index): the slice is the block `param[index on dim][sub]`."""
+
+
+@dataclass
+class Analysis:
+    """The result of running the rules over a captured graph."""
+
+    cap: CapturedGraph
+    uf: UnionFind = field(default_factory=UnionFind)
+    contributions: list[Contribution] = field(default_factory=list)
+    normalised: dict[int, list[str]] = field(default_factory=dict)
+    """slot -> events of normalisers that absorb its scale."""
+    couplings: list[tuple[int, str]] = field(default_factory=list)
+    blocked: Counter = field(default_factory=Counter)
+    eval_batchnorm: list[str] = field(default_factory=list)
+    unusable: dict[str, str] = field(default_factory=dict)
+    """parameter name -> why it cannot be in a group (frozen, shared)."""
+    env: dict[Node, Labels] = field(default_factory=dict)
+    dead: list[Node] = field(default_factory=list)
+    """Ops whose value never reaches the output nor Python (an unused branch)."""
+    weight_norms: dict[Node, tuple[str, str, int]] = field(default_factory=dict)
+    """`_weight_norm` node -> (v name, g name, dim)."""
+    scale_chains: dict[Node, Any] = field(default_factory=dict)
+    """End of a parameter's reshape chain -> (parameter node, chain) for `gamma.view(...) * x`."""
+    contraction_sites: list[ContractionSite] = field(default_factory=list)
+    """Query/key contractions whose factors are tainted only at the end (`resolve_contractions`)."""
+    qk_pairs: list[QKPair] = field(default_factory=list)
+    """Query/key channel pairs that form a rescale group (filled by `resolve_contractions`)."""
+
+    # ---- parameters --------------------------------------------------------------------------
+    def param_name(self, arg: Any) -> str | None:
+        return self.cap.params.get(arg) if isinstance(arg, Node) else None
+
+    def usable(self, name: str | None) -> bool:
+        return name is not None and name not in self.unusable
+
+    # ---- labels ------------------------------------------------------------------------------
+    def lab(self, arg: Any, ndim: int | None = None) -> Tensor:
+        """Labels of an argument (scalars and non-tensors are INVARIANT), fitted to rank `ndim`."""
+        if isinstance(arg, Node):
+            if arg not in self.env and arg in self.cap.params:
+                self.env[arg] = self.param_as_activation(arg)
+            v = self.env.get(arg)
+            if isinstance(v, Tensor):
+                return v if ndim is None else fit(v, ndim)
+        return invariant_label(0 if ndim is None else ndim)
+
+    def param_as_activation(self, node: Node) -> Tensor:
+        """A parameter entering an op as data (positional embedding, class token, x + bias): a writer.
+
+        Slots run along its last dimension of size > 1 (all other dimensions share them, a coarser but
+        sound choice); member `param[i along that dim]` scales slot i.
+        """
+        name = self.cap.params[node]
+        shape = tuple(shape_of(node))
+        if not self.usable(name):
+            return invariant_label(len(shape))
+        dims = [d for d, s in enumerate(shape) if s > 1]
+        if not dims:
+            slot = self.uf.new(1)
+            self.contributions.append(
+                Contribution(slot, name, None, None, "in", f"{name}: used directly as an activation")
+            )
+            return torch.full((1,) * len(shape), slot, dtype=torch.long)
+        d = dims[-1]
+        base = self.uf.new(shape[d])
+        for i in range(shape[d]):
+            self.contributions.append(
+                Contribution(base + i, name, d, (i,), "in", f"{name}: used directly as an activation, index {{idx}}")
+            )
+        view = [1] * len(shape)
+        view[d] = shape[d]
+        return (base + torch.arange(shape[d])).view(view)
+
+    def fresh(self, n: int, ndim: int, dim: int) -> tuple[int, Tensor]:
+        """Allocate n fresh slots laid out along `dim` of a rank-`ndim` activation."""
+        base = self.uf.new(n)
+        view = [1] * ndim
+        view[dim] = n
+        return base, (base + torch.arange(n)).view(view)
+
+    def taint_args(self, args: Iterable[Any]) -> bool:
+        """Taint every slot that reaches one of `args` (the graph nodes among them); True if any slot was live."""
+        found = False
+        for arg in args:
+            if isinstance(arg, Node):
+                lab = self.lab(arg)
+                if live(lab):
+                    found = True
+                    taint(self.uf, lab)
+        return found
+
+    def barrier(self, node: Node) -> Labels:
+        """Taint every slot reaching `node`; its output does not move."""
+        if self.taint_args(flat_args(node)):
+            self.blocked[opname(node)] += 1
+        return invariant_outputs(node)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def opname(node: Node) -> str:
+    t = node.target
+    if t is operator.getitem:
+        return "getitem"
+    packet = getattr(t, "overloadpacket", None)
+    return str(packet) if packet is not None else getattr(t, "__name__", str(t))
+
+
+def base_op(node: Node) -> str:
+    """`aten.relu_` -> `relu`: the op name without namespace and in-place suffix."""
+    name = opname(node).rpartition(".")[2]
+    if name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]
+    return name
+
+
+def shape_of(node: Any) -> tuple[int, ...]:
+    v = node.meta.get("val") if isinstance(node, Node) else None
+    return tuple(int(s) for s in v.shape) if isinstance(v, Tensor) else ()
+
+
+def ndim_of(node: Any) -> int:
+    return len(shape_of(node))
+
+
+def invariant_outputs(node: Node) -> Labels:
+    v = node.meta.get("val")
+    if isinstance(v, Tensor):
+        return invariant_label(v.ndim)
+    if isinstance(v, (list, tuple)):
+        return [invariant_label(x.ndim) if isinstance(x, Tensor) else None for x in v]
+    return None
+
+
+def flat_args(node: Node) -> list[Any]:
+    out: list[Any] = []
+
+    def visit(a: Any) -> None:
+        if isinstance(a, (list, tuple)):
+            for x in a:
+                visit(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                visit(x)
+        else:
+            out.append(a)
+
+    visit(node.args)
+    visit(node.kwargs)
+    return out
+
+
+def arg(node: Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def module_of(param: str) -> str:
+    return param.rpartition(".")[0] or param
+
+
+def dims_text(ndim: int, skip: int) -> str:
+    names = {1: ["N"], 2: ["N"], 3: ["N", "L"], 4: ["N", "H", "W"], 5: ["N", "D", "H", "W"]}.get(ndim)
+    if names is None:
+        names = [f"d{i}" for i in range(ndim) if i != skip]
+    return "(" + ",".join(names) + ")"
