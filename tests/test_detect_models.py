@@ -369,6 +369,17 @@ def test_wrong_input_shape_raises_input_shape_error():
         find_symmetries(m, "not a tensor")
 
 
+def test_model_assertion_on_the_input_is_an_input_shape_error():
+    """torchvision's ViT checks the image size with torch._assert (an AssertionError), as many models do."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    m = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8,
+                          num_classes=3)
+    with pytest.raises(InputShapeError) as e:
+        find_symmetries(m, torch.randn(2, 3, 16, 16))
+    assert "Wrong image height" in str(e.value) and "[(2, 3, 16, 16)]" in str(e.value)
+
+
 def test_meta_records_capture_facts():
     s = find_symmetries(mlp_bn(), torch.randn(4, 5))
     assert s.meta["capture"].startswith("make_fx")

@@ -135,7 +135,7 @@ def _check_runs(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, 
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             functional_call(model, (params, {k: v.clone() for k, v in buffers.items()}), inputs)
-    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as e:  # torch._assert, `assert`
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
         what = f"the model rejected example inputs of shape {shapes}: {msg}"
