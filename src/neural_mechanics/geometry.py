@@ -52,6 +52,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from neural_mechanics.errors import NMechError
 from neural_mechanics.symmetry.groups import Symmetry
@@ -208,12 +209,18 @@ def _mul(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> PDict:
 # ---------------------------------------------------------------------------------------------------
 
 
+GRAD_FLOOR = 1e-6
+"""A group's gradient norm below GRAD_FLOOR x (the rms gradient entry) x sqrt(group size) counts as vanished."""
+
+
 @dataclass
 class GroupConstraint:
     """Constraint residuals of one group (float64; NaN where not computed).
 
-    grad_cos = <g_A, xi_A> / (|g_A| |xi_A|); grad_rel = |grad_cos|; grad_rel_random is the same
-    statistic with a Gaussian vector on A in place of xi.
+    grad_cos = <g_A, xi_A> / (max(|g_A|, floor_A) |xi_A|); grad_rel = |grad_cos|; grad_rel_random is the
+    same statistic with a Gaussian vector on A in place of xi. floor_A = GRAD_FLOOR * rms(g) * sqrt(|A|)
+    (rms over every parameter the groups touch): a group whose gradient vanishes to rounding (an attention
+    key bias, a dead channel) would otherwise get a cosine of pure noise, +-1 for a one-element group.
     hess_rel = |r| / (|H u| + |J^T g|) with r = H xi + J^T g and u a Gaussian direction on A with
     |u| = |xi|; hess_rel_random = |H u + J^T g| / (|H u| + |J^T g|). hess_exact says whether these
     come from this group's own HVPs (True) or are the bound of a probed block (False, see
@@ -450,7 +457,9 @@ def check_constraints(
         if targets.is_floating_point():
             targets = targets.to(dtype)
 
-    with fixed_rng(seed, device):  # one dropout mask for the gradient, the HVPs and the loss value
+    # one dropout mask for the gradient, the HVPs and the loss value; attention through the math kernel, whose
+    # backward is differentiable again (the fused CPU/GPU kernels have no double backward, which HVPs need)
+    with fixed_rng(seed, device), sdpa_kernel([SDPBackend.MATH]):
         hes = _Hessian(work, loss_fn, args, targets, need_hvp=hessian and bool(syms))
     theta = hes.params
     g = hes.grad
@@ -473,8 +482,11 @@ def check_constraints(
     z_norm = inc.reduce({k: t.pow(2) for k, t in z.items()}, signed=False).clamp_min(0).sqrt()
     dot_z = inc.reduce({k: g[k] * z[k] for k in z})
     tiny = torch.finfo(torch.float64).tiny
-    grad_cos = dot / (g_norm * xi_norm).clamp_min(tiny)
-    grad_rand = dot_z.abs() / (g_norm * z_norm).clamp_min(tiny)
+    n_all = sum(g[k].numel() for k in inc.params)
+    rms = math.sqrt(sum(float(g_sq[k].sum()) for k in inc.params) / max(n_all, 1))
+    g_den = torch.maximum(g_norm, GRAD_FLOOR * rms * inc.sizes().sqrt())  # see GroupConstraint
+    grad_cos = dot / (g_den * xi_norm).clamp_min(tiny)
+    grad_rand = dot_z.abs() / (g_den * z_norm).clamp_min(tiny)
 
     rows = [
         GroupConstraint(name=s.name, kind=s.kind, layer=s.layer, grad_cos=float(grad_cos[i]),
