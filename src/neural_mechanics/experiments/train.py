@@ -379,8 +379,8 @@ def rank_seed(seed: int, rank: int) -> int:
 def _gather_rng_states(world: int, device: torch.device) -> list[dict[str, Any]]:
     """Every rank's `_rng_state()`, in rank order (a collective: all ranks call it at the same point).
 
-    The states are fixed-size uint8 tensors: one tensor all_gather each (on `device`, the backend's device),
-    the CUDA state of each rank's own device in the slot of device 0 of a list as `get_rng_state_all` gives it.
+    The states are fixed-size uint8 tensors, so one tensor all_gather each (on `device`, the backend's device):
+    the CPU generator's as "torch" and, on CUDA, the state of the rank's own device as "cuda_own".
     """
     if world == 1:
         return [_rng_state()]

@@ -60,12 +60,11 @@ class ReferenceTracker:
             g = p.grad.detach().to(torch.float64).clone()
             g_eff = -g if pg.get("maximize", False) else g
             d = g_eff + lam * theta
+            prev = self.optimizer.state.get(p, {}).get("momentum_buffer")
             if beta != 0:
-                prev = self.optimizer.state.get(p, {}).get("momentum_buffer")
                 b = d.clone() if prev is None else beta * prev.to(torch.float64) + (1 - tau) * d
                 u = d + beta * b if pg["nesterov"] else b
             else:  # torch leaves an existing buffer untouched; V = <D u, b_old> moves P = <D theta, b_old>
-                prev = self.optimizer.state.get(p, {}).get("momentum_buffer")
                 b = d.clone() if prev is None else prev.to(torch.float64).clone()
                 u = d
             out[name] = {"theta": theta, "g": g, "d": d, "b": b, "u": u}
