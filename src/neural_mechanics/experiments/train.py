@@ -60,7 +60,8 @@ from torch import nn
 
 from neural_mechanics.errors import CaptureError, ConfigError, NMechError, RunStoreError, TrackerError
 from neural_mechanics.experiments.config import TrainConfig, config_to_dict, lr_multiplier
-from neural_mechanics.experiments.datasets import DatasetInfo, load_dataset, make_loader
+from neural_mechanics.experiments.datasets import DatasetInfo, dataset_from_config, make_loader
+from neural_mechanics.experiments.optimizers import build_optimizer
 from neural_mechanics.experiments.specs import resolve_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -102,20 +103,6 @@ def pick_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError as exc:
         raise ConfigError(f"device {name!r} is not a torch device", "use auto, cpu, cuda or cuda:N") from exc
-
-
-def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    """A stock torch.optim optimizer from `cfg.optimizer` (no wrapper, no fork: the tracker uses its hooks)."""
-    o = cfg.optimizer
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, dampening=o.dampening,
-                               nesterov=o.nesterov, weight_decay=o.weight_decay)
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    return torch.optim.RMSprop(params, lr=o.lr, alpha=o.alpha, eps=o.eps, momentum=o.momentum,
-                               weight_decay=o.weight_decay)
 
 
 def check_not_sharded(model: nn.Module) -> None:
@@ -537,9 +524,8 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, console: Any, progress: 
 
     # -- data, model, symmetries ------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    train_data = load_dataset(cfg.dataset.name, cfg.dataset.root, split="train", augment=cfg.dataset.augment,
-                              seed=cfg.seed)
-    eval_data = load_dataset(cfg.dataset.name, cfg.dataset.root, split=cfg.dataset.eval_split, seed=cfg.seed)
+    train_data = dataset_from_config(cfg.dataset, "train", seed=cfg.seed)
+    eval_data = dataset_from_config(cfg.dataset, cfg.dataset.eval_split, seed=cfg.seed)
     resolved = resolve_model(cfg.model, num_classes=cfg.num_classes or train_data.num_classes)
     model = resolved.model.to(device).train()
     if cfg.tracker.enabled:
@@ -575,7 +561,7 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, console: Any, progress: 
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(cfg, net.parameters())
+    optimizer = build_optimizer(cfg.optimizer, net.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: lr_multiplier(cfg.schedule, k, total_steps, steps_per_epoch))
     cfg_dict = config_to_dict(cfg)
