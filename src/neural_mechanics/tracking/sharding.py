@@ -6,19 +6,27 @@ because it states a limit of the tracker, not of any particular loop.
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from neural_mechanics.errors import TrackerError
 
-try:  # torch built without distributed support has neither (and then nothing can be sharded)
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
+#: (module, class names): the FSDP wrappers (FSDP1, FSDP2's `fully_shard`) and the sharded parameter type.
+_SHARDED_MODULES = ("torch.distributed.fsdp", ("FullyShardedDataParallel", "FSDPModule"))
+_SHARDED_PARAMS = ("torch.distributed.tensor", ("DTensor",))
 
-    _SHARDED_MODULES: tuple[type, ...] = (FullyShardedDataParallel, FSDPModule)
-    _SHARDED_PARAMS: tuple[type, ...] = (DTensor,)
-except ImportError:  # pragma: no cover - depends on the torch build
-    _SHARDED_MODULES = ()
-    _SHARDED_PARAMS = ()
+
+def _loaded_classes(module: str, names: tuple[str, ...]) -> tuple[type, ...]:
+    """The classes `names` of `module` if that module has been imported, else none.
+
+    Sound without importing anything: an object of one of these classes can only exist once the package that
+    defines it has been imported (importing torch.distributed.fsdp costs ~1 s of CPU, which every `nmech`
+    command would otherwise pay).
+    """
+    mod = sys.modules.get(module)
+    found = (getattr(mod, n, None) for n in names) if mod is not None else ()
+    return tuple(c for c in found if isinstance(c, type))
 
 
 def check_not_sharded(model: nn.Module) -> None:
@@ -31,13 +39,14 @@ def check_not_sharded(model: nn.Module) -> None:
     than no answer.
     """
     sharded = ""
+    wrappers, params = _loaded_classes(*_SHARDED_MODULES), _loaded_classes(*_SHARDED_PARAMS)
     for name, m in model.named_modules():
-        if isinstance(m, _SHARDED_MODULES):
+        if isinstance(m, wrappers):
             sharded = f"module {name or '(root)'!r} is {type(m).__name__}"
             break
     if not sharded:
         for name, p in model.named_parameters():
-            if isinstance(p, _SHARDED_PARAMS):
+            if isinstance(p, params):
                 sharded = f"parameter {name!r} is a DTensor (sharded)"
                 break
     if sharded:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torchvision
 
 from neural_mechanics.errors import DatasetError
 from neural_mechanics.experiments.datasets.images import (
@@ -50,6 +49,10 @@ def _cifar_error(name: str, problem: str, root: Path, seen: Path) -> DatasetErro
 
 def build_cifar(name: str, split: str, options: DataOptions) -> DatasetInfo:
     """CIFAR `name` ("cifar10" or "cifar100"): the five training batches for "train", the test batch otherwise."""
+    # torchvision is imported here, not at module level: importing it takes ~3 s of CPU (it loads torch._dynamo),
+    # which every `nmech` command would pay (the registry imports this module).
+    import torchvision
+
     root, augment, seed, verify_checksums = options.root, options.augment, options.seed, options.verify_checksums
     folder, train_files, test_files, meta_file = _CIFAR_LAYOUT[name]
     if root.name == folder:  # accept the batches directory itself

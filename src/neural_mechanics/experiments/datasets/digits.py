@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from neural_mechanics.experiments.datasets.images import TensorClassification
 from neural_mechanics.experiments.datasets.registry import DataOptions, DatasetInfo
@@ -19,6 +17,11 @@ from neural_mechanics.experiments.datasets.registry import DataOptions, DatasetI
 
 def build_digits(split: str, options: DataOptions) -> DatasetInfo:
     """Split `split` of the digits: x = (pixels - mean) / std with mean, std over the training part."""
+    # scikit-learn is imported here, not at module level: importing it takes ~1.5 s of CPU, which every `nmech`
+    # command would pay (the registry imports this module), and only this dataset needs it.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     bunch = load_digits()
     x = np.asarray(bunch.data, dtype=np.float32)
     y = np.asarray(bunch.target, dtype=np.int64)

@@ -13,7 +13,6 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms.functional import pil_to_tensor
 
 from neural_mechanics.errors import DatasetError
 from neural_mechanics.experiments.datasets.images import NORMALIZATION, NormalizedImages, describe_dir, indent
@@ -137,6 +136,10 @@ class TinyImageNet(Dataset[tuple[Tensor, int]]):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        # torchvision is imported when an image is read, not at module level: importing it takes ~3 s of CPU (it
+        # loads torch._dynamo), which every `nmech` command would pay (the registry imports this module).
+        from torchvision.transforms.functional import pil_to_tensor
+
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:
