@@ -57,6 +57,7 @@ def run_demo(out: Path, *, steps: int | None = None, console: Any = None) -> dic
 
     console.rule("[bold]1. Symmetries")
     data = load_dataset(cfg.dataset.name, split="train", seed=cfg.seed)
+    torch.manual_seed(cfg.seed)  # the network stage 3 trains from (run_training seeds the same way)
     resolved = resolve_model(cfg.model, num_classes=data.num_classes)
     model = resolved.model.train()
     x, y = next(iter(make_loader(data, 32, seed=cfg.seed)))
