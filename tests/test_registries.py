@@ -186,11 +186,14 @@ def test_a_dataset_spec_with_its_own_validator(restore_registries):
     def needs_root(cfg) -> None:
         if cfg.root is None:
             raise ConfigError("dataset.root: toyset needs a root", "set dataset.root")
+        get_dataset(cfg.name).refuse_unused_keys(cfg)  # and the default rule on top
 
     register_dataset(DatasetSpec("toyset", _toy_builder, "random tensors", keys=("root",), validate=needs_root))
     with pytest.raises(ConfigError, match="toyset needs a root"):
         load_config("demo", ["dataset=toyset"])
     assert load_config("demo", ["dataset=toyset", "dataset.root=x"]).dataset.root == "x"
+    with pytest.raises(ConfigError, match="does not read augment"):
+        load_config("demo", ["dataset=toyset", "dataset.root=x", "dataset.augment=false"])
 
 
 def test_dataset_registration_errors(restore_registries):

@@ -11,10 +11,12 @@ Adding an optimizer is one registration, e.g. for torch.optim.Adagrad
                                      description="torch.optim.Adagrad"))
 
 after which `optimizer: {name: adagrad, lr: 0.01}` is a valid config section. A spec without its own
-`validate` refuses every key it does not take that is set away from its default (so `--set optimizer=adagrad`
-on a config with momentum 0.9 is an error, not a silently different experiment). The four built-in specs keep
-the rules they always had (sgd tolerates adam's betas, and so on), so every existing config means what it
-meant.
+`validate` refuses every key it does not take that is set away from its default (`refuse_unused_keys`: so
+`--set optimizer=adagrad` on a config with momentum 0.9 is an error, not a silently different experiment). An
+optimizer from an optional package registers a builder that imports the package, and a `validate` that says
+how to install it when it is missing (so the config fails before the run starts) and then calls
+`refuse_unused_keys`. The four built-in specs keep the rules they always had (sgd tolerates adam's betas, and
+so on), so every existing config means what it meant.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class OptimizerSpec:
     """A registered optimizer: `factory(params, **{key: cfg.key for key in keys})` builds it.
 
     validate(cfg) raises ConfigError (with what to do) for a config section this optimizer cannot honour; None
-    means: every OptimizerConfig key outside `keys` (and `name`) must keep its default.
+    means `refuse_unused_keys`: every OptimizerConfig key outside `keys` (and `name`) must keep its default.
     """
 
     name: str
@@ -73,10 +75,14 @@ class OptimizerSpec:
         return self.factory(params, **self.kwargs(cfg))
 
     def check(self, cfg: OptimizerConfig) -> None:
-        """Run `validate`, or refuse keys this optimizer does not take (see the class docstring)."""
+        """Run `validate`, or (without one) `refuse_unused_keys`."""
         if self.validate is not None:
             self.validate(cfg)
-            return
+        else:
+            self.refuse_unused_keys(cfg)
+
+    def refuse_unused_keys(self, cfg: OptimizerConfig) -> None:
+        """ConfigError when a key outside `keys` (and `name`) is set away from its default: it would be ignored."""
         unused = changed_fields(cfg, ("name", *self.keys))
         if unused:
             raise ConfigError(f"optimizer.{unused[0]}: {self.name} does not take {', '.join(unused)}",

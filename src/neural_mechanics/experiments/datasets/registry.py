@@ -9,8 +9,10 @@ A spec says how to build one split (`build(split, options) -> DatasetInfo`), whi
 makes `dataset: {name: mydata, root: /data/x}` a valid config. `DataOptions` carries what a builder may read
 (the resolved root, whether to augment, the seed, and the knobs of the built-in datasets); a new kind of
 dataset that needs a new config key adds the field to `DatasetConfig` (with a default that changes nothing
-for the others) and to `DataOptions`, and lists it in its spec's `keys`. A spec without its own `validate`
-refuses every key it does not read that is set away from its default.
+for the others) and to `DataOptions`, passes it on in `dataset_from_config` (and `load_dataset`), and lists
+it in its spec's `keys`. A spec without its own `validate` refuses every key it does not read that is set
+away from its default. `get_dataset` is the one lookup every path takes (config validation, `load_dataset`),
+so datasets named by a pattern rather than a fixed name (say `package.module:factory`) are resolved there.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class DatasetSpec:
     """A registered dataset: `build(split, options)` loads split "train", "val" or "test".
 
     keys: the DatasetConfig keys the builder reads (besides COMMON_KEYS). validate(cfg) raises ConfigError for a
-    dataset section this dataset cannot honour; None means every key outside `keys` keeps its default.
+    dataset section this dataset cannot honour; None means `refuse_unused_keys`.
     """
 
     name: str
@@ -100,10 +102,14 @@ class DatasetSpec:
     validate: Callable[[DatasetConfig], None] | None = None
 
     def check(self, cfg: DatasetConfig) -> None:
-        """Run `validate`, or refuse keys this dataset does not read (see the class docstring)."""
+        """Run `validate`, or (without one) `refuse_unused_keys`."""
         if self.validate is not None:
             self.validate(cfg)
-            return
+        else:
+            self.refuse_unused_keys(cfg)
+
+    def refuse_unused_keys(self, cfg: DatasetConfig) -> None:
+        """ConfigError when a key outside `keys` and COMMON_KEYS is set away from its default: it would be ignored."""
         unused = changed_fields(cfg, (*COMMON_KEYS, *self.keys))
         if unused:
             raise ConfigError(f"dataset.{unused[0]}: {self.name} does not read {', '.join(unused)}",
