@@ -98,6 +98,16 @@ def test_presets_and_configs_list(monkeypatch, capsys):
     assert code == 0 and "demo" in out
 
 
+def test_help_shows_no_bool_noise(monkeypatch, capsys):
+    """Flags take no value, so --help shows none after them (typer would print `<bool>`)."""
+    for command in ([], ["train"], ["symmetries"], ["check"], ["report"], ["demo"], ["presets"]):
+        code, out, _ = run(monkeypatch, capsys, *command, "--help")
+        assert code == 0 and "--help" in out and "Show this message" in out, command
+        assert "<bool>" not in out, command
+    code, out, _ = run(monkeypatch, capsys, "symmetries", "--help")
+    assert "--no-certify" in out and "--json" in out and "<int>" in out  # typed options keep their type
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(monkeypatch, capsys, tmp_path):
     torch.set_num_threads(1)

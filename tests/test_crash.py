@@ -21,7 +21,9 @@ import pandas as pd
 import pytest
 import torch
 
-from neural_mechanics.experiments.train import CHECKPOINT, load_checkpoint, run_training
+from neural_mechanics.experiments.checkpoint import load_checkpoint
+from neural_mechanics.experiments.rundir import CHECKPOINT
+from neural_mechanics.experiments.train import run_training
 from neural_mechanics.tracking.store import open_run
 from test_train import assert_same_run, tiny_cfg, tiny_overrides
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from neural_mechanics.errors import TrackerError
-from neural_mechanics.experiments.train import check_not_sharded, run_training
+from neural_mechanics.experiments.train import run_training
+from neural_mechanics.tracking.sharding import check_not_sharded
 from neural_mechanics.tracking.store import open_run
 from test_train import tiny_cfg, tiny_overrides
 

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from neural_mechanics.experiments.train import CHECKPOINT, run_training
+from neural_mechanics.experiments.rundir import CHECKPOINT
+from neural_mechanics.experiments.train import run_training
 from neural_mechanics.tracking.store import open_run
 from test_train import assert_user_error, make_tiny_imagenet, nmech, tiny_cfg, tiny_overrides
 

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from neural_mechanics.errors import ConfigError, RunStoreError
+from neural_mechanics.experiments.checkpoint import config_mismatch, load_checkpoint
 from neural_mechanics.experiments.config import TrainConfig, config_to_dict, load_config
-from neural_mechanics.experiments.datasets import load_dataset, make_loader
+from neural_mechanics.experiments.datasets import endless_batches, load_dataset, make_loader
+from neural_mechanics.experiments.rundir import CHECKPOINT
 from neural_mechanics.experiments.specs import resolve_model
-from neural_mechanics.experiments.train import CHECKPOINT, _batches, config_mismatch, load_checkpoint, run_training
+from neural_mechanics.experiments.train import run_training
 from neural_mechanics.tracking.store import open_run
 
 torch.set_num_threads(1)
@@ -116,7 +118,7 @@ def test_loop_equals_a_plain_sgd_loop_and_final_rows_equal_direct_charges(tmp_pa
     train = load_dataset("digits", split="train", seed=cfg.seed)
     model = resolve_model("mlp", num_classes=train.num_classes).model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    batches = _batches(make_loader(train, 32, seed=cfg.seed, drop_last=True), 0)
+    batches = endless_batches(make_loader(train, 32, seed=cfg.seed, drop_last=True), 0)
     for _ in range(20):
         x, y = next(batches)
         opt.zero_grad()

@@ -11,13 +11,41 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from .errors import NMechError
+from .experiments.checks import check_model, load_example
+from .experiments.config import list_configs, load_config
+from .experiments.demo import run_demo
+from .experiments.models import list_presets
+from .experiments.train import run_training
+from .plots.report import write_report
+from .symmetry.certify import certify
+from .symmetry.detect import find_symmetries
+
+
+def _no_flag_metavar(params: list[Any]) -> list[Any]:
+    """A flag takes no value, so its help shows none (typer would print `<bool>` after every flag and --help)."""
+    for p in params:
+        if isinstance(p, TyperOption) and p.is_flag and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _no_flag_metavar(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _no_flag_metavar(super().get_params(ctx))
+
 
 app = typer.Typer(
     name="nmech",
@@ -28,6 +56,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
+    cls=_Group,
     pretty_exceptions_enable=False,
 )
 console = Console(soft_wrap=True)
@@ -67,18 +96,7 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
-def _load(model: str, input_shape: str | None, num_classes: int | None, batch: int, seed: int, eval_mode: bool):
-    """Resolve a MODEL spec (with --input-shape applied) and build its seeded example batch."""
-    from .experiments.specs import resolve_model
-
-    resolved = resolve_model(model, num_classes=num_classes, input_shape=_parse_shape(input_shape))
-    inputs = resolved.example_inputs(batch, seed=seed)
-    net = resolved.model
-    net.eval() if eval_mode else net.train()
-    return resolved, net, inputs
-
-
-@app.command()
+@app.command(cls=_Command)
 def symmetries(
     model: ModelArg,
     input_shape: InputShapeOpt = None,
@@ -96,9 +114,9 @@ def symmetries(
     seed: Annotated[int, typer.Option(help="Seed for the example batch and certification.")] = 0,
 ) -> None:
     """Find every symmetry of MODEL from its computation graph: a table per layer and kind, or JSON."""
-    from .symmetry.detect import find_symmetries
-
-    resolved, net, inputs = _load(model, input_shape, num_classes, batch, seed, eval_mode)
+    resolved, inputs = load_example(model, input_shape=_parse_shape(input_shape), num_classes=num_classes,
+                                    batch=batch, seed=seed, eval_mode=eval_mode)
+    net = resolved.model
     found = find_symmetries(net, inputs, loss=loss)
     if as_json:
         sys.stdout.write(found.to_json(indent=2) + "\n")
@@ -113,15 +131,13 @@ def symmetries(
         return
     _print_symmetry_table(found, title=f"{model} ({resolved.description}), input {tuple(inputs.shape)}")
     if certify_groups and len(found):
-        from .symmetry.certify import certify
-
         report = certify(net, found, inputs, loss=loss, seed=seed)
         console.print(report.summary())
         if not report.ok:
             raise typer.Exit(1)
 
 
-def _print_symmetry_table(found, title: str) -> None:
+def _print_symmetry_table(found: Any, title: str) -> None:
     table = Table(title=title, show_lines=False)
     table.add_column("layer")
     for kind in ("translation", "scale", "rescale"):
@@ -139,7 +155,7 @@ def _print_symmetry_table(found, title: str) -> None:
                       "homogeneous neuron. See `meta` in --json output for the operations that blocked them.")
 
 
-@app.command()
+@app.command(cls=_Command)
 def check(
     model: ModelArg,
     input_shape: InputShapeOpt = None,
@@ -155,24 +171,15 @@ def check(
 
     Exits with status 1 when a certified group violates its constraint beyond tolerance.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from .geometry import check_constraints
-    from .symmetry.detect import find_symmetries
-
-    resolved, net, inputs = _load(model, input_shape, num_classes, batch, seed, eval_mode=False)
-    found = find_symmetries(net, inputs)
-    if not len(found):
+    resolved, inputs = load_example(model, input_shape=_parse_shape(input_shape), num_classes=num_classes,
+                                    batch=batch, seed=seed)
+    result = check_model(resolved, inputs, hessian=hessian, seed=seed)
+    if result.report is None:
         console.print("No symmetry found; nothing to check.")
         return
-    failed = _uncertified(net, found, inputs, seed)
-    if failed:
-        err_console.print(f"[yellow]{len(failed)} group(s) did not certify and are not checked[/yellow]")
-    certified = found.__class__([s for s in found if s.name not in failed], found.meta)
-    gen = torch.Generator().manual_seed(seed)
-    targets = torch.randint(0, resolved.num_classes, (batch,), generator=gen)
-    report = check_constraints(net, F.cross_entropy, (inputs, targets), certified, hessian=hessian, seed=seed)
+    if result.uncertified:
+        err_console.print(f"[yellow]{len(result.uncertified)} group(s) did not certify and are not checked[/yellow]")
+    report = result.report
     console.print(report.summary(grad_tol=grad_tol, hess_tol=hess_tol))
     if csv is not None:
         report.to_frame().to_csv(csv, index=False)
@@ -183,26 +190,12 @@ def check(
         raise typer.Exit(1)
 
 
-def _uncertified(net, found, inputs, seed: int) -> set[str]:
-    """Names of groups whose action changes the loss. Certify a sample of each kind alone plus every kind's
-    composition at once; only where a composition fails, certify that kind's groups one by one."""
-    from .symmetry.certify import certify
-
-    cert = certify(net, found, inputs, seed=seed)
-    failed = {r.name for r in cert.results if not r.passed}
-    kinds_of = {"all": ("translation", "scale", "rescale"), "scale+rescale": ("scale", "rescale")}
-    bad_kinds = {k for r in cert.all_at_once if not r.passed for k in kinds_of.get(r.kind, (r.kind,))}
-    for kind in sorted(bad_kinds):
-        per_group = certify(net, found.filter(kind=kind), inputs, seed=seed, sample=None)
-        failed |= {r.name for r in per_group.results if not r.passed}
-    return failed
-
-
-@app.command()
+@app.command(cls=_Command)
 def train(
     config: Annotated[str, typer.Argument(help="A YAML config file, or the name of a shipped config (see "
                                           "`nmech configs`), e.g. demo or vgg16-bn-tinyimagenet-sgd-wd5e-4.")],
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set optimizer.lr=0.05 "
+    overrides: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                        help="Override a config key: --set optimizer.lr=0.05 "
                                                         "(repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in run_dir from its last checkpoint.")
                       ] = False,
@@ -210,25 +203,20 @@ def train(
                        ] = None,
 ) -> None:
     """Train with the tracker attached: progress bar, periodic evaluation, checkpoints, `--resume`."""
-    from .experiments.config import load_config
-    from .experiments.train import run_training
-
     cfg = load_config(config, list(overrides or []))
     result = run_training(cfg, run_dir=run_dir, resume=resume, console=console)
     console.print(f"run written to [bold]{result.run_dir}[/bold]; `nmech report {result.run_dir}` renders it")
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     run: Annotated[Path, typer.Argument(help="A run directory written by `nmech train` or a Tracker.")],
     out: Annotated[Path | None, typer.Option("--out", help="The HTML file to write (default RUN/report.html).")] = None,
     compare: Annotated[list[str] | None, typer.Option(
-        "--compare", help="Another run drawn beside this one in the charge figure, as LABEL=RUN_DIR (repeatable), "
-        "e.g. --compare 'momentum 0.9=runs/mom'.")] = None,
+        "--compare", metavar="LABEL=RUN_DIR", help="Another run drawn beside this one in the charge figure, as "
+        "LABEL=RUN_DIR (repeatable), e.g. --compare 'momentum 0.9=runs/mom'.")] = None,
 ) -> None:
     """Write one self-contained HTML report (figures, hyperparameters, symmetry summary, error table)."""
-    from .plots.report import write_report
-
     others: dict[str, Path] = {}
     for item in compare or []:
         label, sep, path_text = item.rpartition("=")
@@ -239,22 +227,18 @@ def report(
     console.print(f"report written to [bold]{path}[/bold]")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Directory for the demo run and its report.")] = Path("runs/demo"),
     steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default: the demo config's).")] = None,
 ) -> None:
     """The embedded default: a small VGG-style BatchNorm net on scikit-learn's digits, end to end."""
-    from .experiments.demo import run_demo
-
     run_demo(out, steps=steps, console=console)
 
 
-@app.command()
+@app.command(cls=_Command)
 def presets() -> None:
     """List the model presets a MODEL argument can name."""
-    from .experiments.models import list_presets
-
     table = Table(title="model presets (also: torchvision:NAME, package.module:factory)")
     for col in ("name", "input", "dataset", "description"):
         table.add_column(col)
@@ -263,11 +247,9 @@ def presets() -> None:
     console.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def configs() -> None:
     """List the shipped training configs (`nmech train NAME` runs one)."""
-    from .experiments.config import list_configs, load_config
-
     table = Table(title="shipped configs (nmech train NAME [--set key=value ...])")
     table.add_column("name")
     table.add_column("description")

@@ -35,6 +35,9 @@ from neural_mechanics.experiments.models import PRESETS, get_preset
 
 TORCHVISION_PREFIX = "torchvision:"
 
+# torchvision is imported inside the functions that need it, not at module level: importing it takes ~3 s of CPU
+# (it loads torch._dynamo), which every `nmech` command, `nmech --help` included, would otherwise pay.
+
 
 @dataclass(frozen=True, eq=False)
 class ResolvedModel:
@@ -80,7 +83,7 @@ _UNSUPPORTED_TORCHVISION_MODULES = ("detection", "optical_flow")
 
 def torchvision_model_names() -> list[str]:
     """All model names torchvision registers (`torchvision.models.list_models()`)."""
-    import torchvision
+    import torchvision  # heavy: see TORCHVISION_PREFIX
 
     return sorted(torchvision.models.list_models())
 
@@ -94,7 +97,7 @@ def torchvision_input_shape(name: str) -> tuple[int, ...]:
 
 
 def _torchvision_family(name: str) -> str:
-    import torchvision.models as tvm
+    import torchvision.models as tvm  # heavy: see TORCHVISION_PREFIX
 
     for family in ("detection", "optical_flow", "segmentation", "video", "quantization"):
         if name in tvm.list_models(module=getattr(tvm, family)):
@@ -106,7 +109,7 @@ _TORCHVISION_DEFAULT_CLASSES = {"classification": 1000, "quantization": 1000, "s
 
 
 def _resolve_torchvision(spec: str, name: str, num_classes: int | None) -> ResolvedModel:
-    import torchvision
+    import torchvision  # heavy: see TORCHVISION_PREFIX
 
     names = torchvision_model_names()
     if name not in names:

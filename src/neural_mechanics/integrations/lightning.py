@@ -8,7 +8,10 @@ right after the gradients exist, so automatic and manual optimization (`self.man
 `opt.step()`) log the same rows as a plain loop.
 
 Under a DDP strategy every rank builds a Tracker on its own module (identical predictions), and only global
-rank 0 writes the run directory. FSDP / DeepSpeed strategies are refused (`check_not_sharded`).
+rank 0 writes the run directory. FSDP / DeepSpeed strategies are refused (`tracking.sharding.check_not_sharded`).
+
+The callback rides on the tracking layer only (Tracker, the sharding check, symmetry detection); it never
+imports the `nmech train` harness in `experiments/`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from neural_mechanics.errors import TrackerError
+from neural_mechanics.symmetry.detect import find_symmetries
+from neural_mechanics.tracking.sharding import check_not_sharded
+from neural_mechanics.tracking.tracker import Tracker
 
 try:  # the `lightning` package, else the older standalone `pytorch_lightning`
     from lightning.pytorch.callbacks import Callback
@@ -55,12 +61,8 @@ class NeuralMechanicsCallback(Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Check what can be checked before training (sharding) and detect the symmetries."""
-        from neural_mechanics.experiments.train import check_not_sharded
-
         check_not_sharded(pl_module)
         if self.symmetries is None:
-            from neural_mechanics.symmetry.detect import find_symmetries
-
             x = self.example_inputs if self.example_inputs is not None else getattr(pl_module, "example_input_array",
                                                                                     None)
             if x is None:
@@ -74,8 +76,6 @@ class NeuralMechanicsCallback(Callback):
             pl_module.train(was_training)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        from neural_mechanics.tracking.tracker import Tracker
-
         optimizers = trainer.optimizers
         if not optimizers:
             raise TrackerError("the Trainer has no optimizer to attach to", "return one from configure_optimizers")
