@@ -62,7 +62,7 @@ def test_the_table_covers_the_whole_list():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", specs(), ids=lambda s: s.name)
-def test_detection_matches_the_table_and_certifies(spec):
+def test_detection_matches_the_derivation_and_certifies(spec):
     if spec.skip:
         pytest.skip(spec.skip)
     need, have = spec.memory_gb(), available_gb()
