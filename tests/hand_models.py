@@ -1,4 +1,4 @@
-"""Small models with hand-derived symmetry groups (THEORY.md section 1), shared by the certification and the
+"""Small models with hand-derived symmetry groups (docs/theory.md section 1), shared by the certification and the
 gradient/Hessian constraint tests (no tests here).
 
 Deriving the groups by hand keeps those tests independent of the detector. Both models are seeded, so every call

@@ -1,6 +1,6 @@
 """Numeric certification (nm.certify): group actions leave the loss (and outputs) unchanged.
 
-Groups are derived by hand for small models (THEORY.md section 1); wrong groups must fail, the
+Groups are derived by hand for small models (docs/theory.md section 1); wrong groups must fail, the
 composed action must equal the reference actions applied one after the other, and the model must
 be left exactly as it was.
 """

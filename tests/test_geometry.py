@@ -1,6 +1,6 @@
 """Gradient and Hessian constraint checks (nm.check_constraints), each against a brute-force reference.
 
-The models' groups are derived by hand (THEORY.md section 1), so these tests do not depend on the
+The models' groups are derived by hand (docs/theory.md section 1), so these tests do not depend on the
 detector; a last test runs the checks on the detector's output when it exists.
 """
 

@@ -45,7 +45,7 @@ def test_propagator_wronskian_and_composition():
 
 
 def _chi_G(gamma: float, omega2: float):
-    """THEORY.md section 3 closed forms for chi(t), G(t), one regime at a time."""
+    """docs/theory.md section 3 closed forms for chi(t), G(t), one regime at a time."""
     if abs(omega2 - gamma**2) < 1e-12 * gamma**2:
         return (lambda t: math.exp(-gamma * t) * (1 + gamma * t)), (lambda t: t * math.exp(-gamma * t))
     if gamma**2 < omega2:

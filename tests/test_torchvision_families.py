@@ -4,7 +4,8 @@ Every family of `torchvision.models` gets one small representative. Each test st
 detector must find (derived by hand from the torchvision source, in the comments), the symmetries that
 must NOT be there (non-homogeneous activations, normalised-away readers, heads that never reach the
 loss), and certifies the groups it names by applying their action to a float64 copy
-(test_detect_support.certify_groups: relative change of loss and outputs <= 1e-9).
+(test_detect_support.certify_groups: relative change of loss and outputs <= 1e-9). Every representative's
+counts must equal the hand derivation from its module tree (tests/zoo_expectations.py, `_assert_derived`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.symmetry.groups import Member, SymmetrySet
 from test_detect_support import certify_groups
 from test_torchvision_support import aux_softmax_loss, randomize_zeros
+from zoo_expectations import derive
 
 torch.set_num_threads(1)
 
@@ -33,6 +35,12 @@ def _detected(name: str, size: int = 32, **kwargs) -> tuple[torch.nn.Module, Ten
     return model, x, find_symmetries(model, x)
 
 
+def _assert_derived(model: torch.nn.Module, s: SymmetrySet, aux_in_loss: bool = False) -> None:
+    """The detector's (translation, scale, rescale) equal the hand derivation from the model's module tree."""
+    c = s.counts()
+    assert (c["translation"], c["scale"], c["rescale"]) == derive(model, aux_in_loss), s.details()
+
+
 def _params_in(s: SymmetrySet, kind: str | None = None) -> set[str]:
     return {m.param for g in s if kind is None or g.kind == kind for m in g.members}
 
@@ -40,6 +48,7 @@ def _params_in(s: SymmetrySet, kind: str | None = None) -> set[str]:
 # ---- grouped convolutions: ResNeXt, RegNet -------------------------------------------------------
 def test_resnext_grouped_conv_reads_a_block_per_channel():
     m, x, s = _detected("resnext50_32x4d")
+    _assert_derived(m, s)
     # layer1.0.conv2: Conv2d(128, 128, 3, groups=32): 4 input channels per group. Input channel k = 4 g + l
     # (written by bn1[k] through ReLU) is read by weight[4g:4g+4, l]: a block. bn1[6] -> group 1, l = 2.
     g = s["rescale:layer1.0.bn1[6]"]
@@ -56,6 +65,7 @@ def test_resnext_grouped_conv_reads_a_block_per_channel():
 @pytest.mark.slow
 def test_regnet_y_grouped_conv_and_squeeze_excitation():
     m, x, s = _detected("regnet_y_400mf")
+    _assert_derived(m, s)
     # RegNetY block: a (1x1, BN, ReLU) -> b (3x3 grouped, group width 8, BN, ReLU) -> SE -> c (1x1, BN).
     # b's input channel 8 g + l is read by the block b.0.weight[8g:8g+8, l]; SE: x * sigmoid(fc2(relu(fc1(
     # mean x)))): the gate does not move when x's channel scales (fc1 absorbs it through the mean), so the
@@ -76,6 +86,7 @@ def test_regnet_y_grouped_conv_and_squeeze_excitation():
 # ---- concatenation: DenseNet, SqueezeNet, GoogLeNet, Inception -----------------------------------------
 def test_densenet_concatenated_channel_is_normalised_by_every_later_layer():
     m, x, s = _detected("densenet121")
+    _assert_derived(m, s)
     # denselayer1.conv2 writes channel 64 of the block's concatenation; every later layer of the block
     # (norm1 of layers 2..6) and the transition normalise it per channel (train BN): a scale group, no
     # rescale (nothing reads it but normalisers).
@@ -91,6 +102,7 @@ def test_densenet_concatenated_channel_is_normalised_by_every_later_layer():
 
 def test_squeezenet_concat_offsets_and_no_translation():
     m, x, s = _detected("squeezenet1_0")
+    _assert_derived(m, s)
     # Fire: cat([relu(expand1x1), relu(expand3x3)]): expand3x3's channel 0 sits at 64 in the next squeeze.
     g = s["rescale:features.3.expand3x3[0]"]
     assert Member("features.4.squeeze.weight", 1, (64,), "out") in g.members
@@ -104,6 +116,7 @@ def test_squeezenet_concat_offsets_and_no_translation():
 
 def test_googlenet_default_loss_uses_main_logits_and_ignores_aux_heads():
     m, x, s = _detected("googlenet", aux_logits=True, init_weights=True)
+    _assert_derived(m, s)
     # train mode returns GoogLeNetOutputs(logits, aux_logits2, aux_logits1); the default loss reads the main
     # logits (the first tensor), so the auxiliary heads never reach it and get no groups.
     assert isinstance(m(x), tuple)
@@ -121,6 +134,7 @@ def test_googlenet_aux_loss_gives_the_aux_heads_their_groups():
     m = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=True).train()
     x = torch.randn(2, 3, 32, 32)
     s = find_symmetries(m, x, loss=aux_softmax_loss)
+    _assert_derived(m, s, aux_in_loss=True)
     # each aux head: conv -> BN -> ReLU -> fc1 -> ReLU -> dropout -> fc2 (-> softmax): fc2's 1024 columns +
     # bias are translations, fc1's 1024 neurons rescale.
     assert "translation:aux1.fc2.bias" in s and "translation:aux2.fc2[:,1023]" in s
@@ -136,6 +150,7 @@ def test_inception_v3_input_transform_and_aux_head():
                                         transform_input=True).train()
     x = torch.randn(2, 3, 299, 299)
     s = find_symmetries(m, x)
+    _assert_derived(m, s)
     # transform_input rescales each input channel by constants: no parameter involved, nothing changes for the
     # first conv (it is normalised by BN: one scale group per channel).
     assert "scale:Conv2d_1a_3x3.conv[0]" in s
@@ -146,6 +161,7 @@ def test_inception_v3_input_transform_and_aux_head():
 # ---- channel shuffle ---------------------------------------------------------------------------
 def test_shufflenet_channel_shuffle_maps_indices():
     m, x, s = _detected("shufflenet_v2_x0_5")
+    _assert_derived(m, s)
     # stage2 units (48 channels): out = shuffle(cat(x1, branch2(x2)), 2). branch2's channel c sits at 24 + c
     # before the shuffle and at 2c + 1 after it; the next unit splits at 24: c = 20 -> 41 -> x2[17], read by
     # stage2.2.branch2.0's column 17.
@@ -162,6 +178,7 @@ def test_shufflenet_channel_shuffle_maps_indices():
 # ---- non-homogeneous activations: MobileNet, EfficientNet ------------------------------------------
 def test_mobilenet_v3_no_rescale_through_hardswish():
     m, x, s = _detected("mobilenet_v3_small")
+    _assert_derived(m, s)
     # features.0 = conv -> BN -> Hardswish: the stem BN has no rescale group (hardswish(a x) != a hardswish(x)),
     # while its conv is normalised by BN (scale).
     assert "features.0.1.weight" not in _params_in(s, "rescale")
@@ -181,6 +198,7 @@ def test_mobilenet_v3_no_rescale_through_hardswish():
 
 def test_mobilenet_v2_relu6_is_not_homogeneous():
     m, x, s = _detected("mobilenet_v2")
+    _assert_derived(m, s)
     # ReLU6 = hardtanh(0, 6): clipping at 6 is not positively homogeneous -> every BN before a ReLU6 has no
     # rescale group; the linear bottleneck (projection conv -> BN, no activation) is read by the next
     # expansion conv: a rescale through the identity (and the residual adds).
@@ -193,6 +211,7 @@ def test_mobilenet_v2_relu6_is_not_homogeneous():
 
 def test_efficientnet_no_rescale_through_silu():
     m, x, s = _detected("efficientnet_b0")
+    _assert_derived(m, s)
     # MBConv: expand (conv, BN, SiLU) -> depthwise (conv, BN, SiLU) -> SE (fc1, SiLU, fc2, sigmoid) -> project
     # (conv, BN). SiLU blocks every BN before it and SE's fc1; only the projection BNs (linear bottleneck) have
     # rescale groups, read by the next expansion conv.
@@ -209,6 +228,7 @@ def test_efficientnet_no_rescale_through_silu():
 # ---- ConvNeXt: channels-last LayerNorm, layer scale ------------------------------------------------
 def test_convnext_layer_norm_and_layer_scale():
     m, x, s = _detected("convnext_tiny")
+    _assert_derived(m, s)
     # CNBlock: dwconv -> permute -> LayerNorm(C) -> Linear -> GELU -> Linear -> permute -> layer_scale * y -> +x.
     # The LayerNorm normalises all C channels jointly: the whole dwconv is one scale group.
     g = s["scale:features.1.0.block.0[0]"]
@@ -228,6 +248,7 @@ def test_convnext_layer_norm_and_layer_scale():
 # ---- transformers: ViT, Swin ------------------------------------------------------------------
 def test_vit_key_bias_pre_ln_stream_and_no_rescale_through_gelu():
     m, x, s = _detected("vit_b_16", image_size=32)
+    _assert_derived(m, s)
     layers = [f"encoder.layers.encoder_layer_{i}" for i in range(12)]
     # key bias: in_proj_bias[768:1536] of every layer, one translation group per coordinate
     key = [g for g in s.filter("translation") if g.members[0].param.endswith("in_proj_bias")]
@@ -274,6 +295,7 @@ def test_vit_key_bias_pre_ln_stream_and_no_rescale_through_gelu():
 
 def test_swin_key_bias_and_stage_streams():
     m, x, s = _detected("swin_t")
+    _assert_derived(m, s)
     # window attention is written out by hand: q @ k^T + relative position bias (+ shift mask) -> softmax.
     # qkv.bias[C:2C] shifts every key of a window equally: one translation group per coordinate.
     depths, dims = (2, 2, 6, 2), (96, 192, 384, 768)
@@ -304,6 +326,7 @@ def test_swin_key_bias_and_stage_streams():
 
 def test_swin_v2_cosine_attention_has_no_key_bias_translation():
     m, x, s = _detected("swin_v2_t")
+    _assert_derived(m, s)
     # V2 normalises q and k (cosine attention) and zeroes the key part of qkv.bias: no key-bias translation,
     # and no query/key rescale pair (F.normalize is not homogeneous per coordinate).
     assert not any(g.members[0].param.endswith("qkv.bias") for g in s.filter("translation"))

@@ -1,9 +1,10 @@
 """The torchvision classification zoo as test data: how each model is built, fed and certified (no tests here).
 
-One table (`SPECS`) says, per model of `torchvision.models.list_models(module=torchvision.models)`, which
-constructor arguments and input size the whole-list test uses, and which models are skipped and why.
-`scripts/torchvision_counts.py` writes docs/torchvision_counts.md from the same table and the whole-list
-test (test_torchvision_zoo.py) compares against it, so a regression in detection changes a count and fails.
+`specs()` says, per model of `torchvision.models.list_models(module=torchvision.models)`, which constructor
+arguments and input size the whole-list test uses, and which models are skipped and why.
+`scripts/torchvision_counts.py` writes docs/torchvision_counts.md from the same specs; the whole-list test
+(test_torchvision_zoo.py) checks the detector's counts against the hand derivations of tests/zoo_expectations.py
+(and the table against both), or, for a model without a derivation, against the table (a regression snapshot).
 
 Choices (documented in docs/torchvision_counts.md):
 - num_classes=10 everywhere (the classifier is the one place where the class count enters; translation
@@ -140,15 +141,24 @@ def specs() -> list[Spec]:
 
 
 # ---- the counts table ----------------------------------------------------------------------------
-HEADER = "| model | input | parameters | translation | scale | rescale | blocked ops |"
+HEADER = "| model | input | parameters | translation | scale | rescale | expected counts | blocked ops |"
+RULE = "|---|---|---|---:|---:|---:|---|---|"
 ROW = re.compile(r"^\| `(?P<model>[a-z0-9_]+)` \| (?P<input>[^|]+) \| (?P<params>[^|]+) \| (?P<t>\d+) \| "
-                 r"(?P<s>\d+) \| (?P<r>\d+) \|")
+                 r"(?P<s>\d+) \| (?P<r>\d+) \|(?: (?P<expected>derived|derived \(gap\)|snapshot) \|)?")
+EXPECTED = ("derived", "derived (gap)", "snapshot")
+"""Values of the `expected counts` column (see tests/zoo_expectations.py `provenance`)."""
 
 
-def table_row(spec: Spec, n_params: int, counts: dict[str, int], blocked: dict[str, int]) -> str:
-    ops = ", ".join(f"{k.removeprefix('aten.')} x{v}" for k, v in sorted(blocked.items()))
-    return (f"| `{spec.name}` | 2x3x{spec.size}x{spec.size} | {n_params / 1e6:.1f}M | {counts['translation']} | "
-            f"{counts['scale']} | {counts['rescale']} | {ops} |")
+def table_row(spec: Spec, n_params: int, counts: dict[str, int] | tuple[int, int, int], blocked: dict[str, int] | str,
+              expected: str) -> str:
+    """One row of docs/torchvision_counts.md (counts as a dict by kind or a (translation, scale, rescale) tuple;
+    blocked ops as the detector's dict or the column's text)."""
+    t, s, r = (counts["translation"], counts["scale"], counts["rescale"]) if isinstance(counts, dict) else counts
+    ops = blocked if isinstance(blocked, str) else ", ".join(
+        f"{k.removeprefix('aten.')} x{v}" for k, v in sorted(blocked.items()))
+    assert expected in EXPECTED, expected
+    size = f"2x3x{spec.size}x{spec.size}"
+    return f"| `{spec.name}` | {size} | {n_params / 1e6:.1f}M | {t} | {s} | {r} | {expected} | {ops} |"
 
 
 def read_table(path: Path = DOC) -> dict[str, tuple[int, int, int]]:
@@ -159,3 +169,8 @@ def read_table(path: Path = DOC) -> dict[str, tuple[int, int, int]]:
         if m:
             out[m["model"]] = (int(m["t"]), int(m["s"]), int(m["r"]))
     return out
+
+
+def read_expected(path: Path = DOC) -> dict[str, str | None]:
+    """model -> the `expected counts` column ("derived", "derived (gap)", "snapshot"; None if the row has none)."""
+    return {m["model"]: m["expected"] for m in map(ROW.match, path.read_text().splitlines()) if m}

@@ -1,5 +1,5 @@
 """Brute-force harness for the theory tests: run stock torch.optim.SGD on a tiny float64 net with exact
-symmetries of all three kinds and measure every per-group input of THEORY.md section 5 from dense masks.
+symmetries of all three kinds and measure every per-group input of docs/theory.md section 5 from dense masks.
 
 Model: Linear(5, 6) -> BatchNorm(6, eps) (written out, eps = 0 allowed) -> ReLU -> Linear(6, 4) -> cross-entropy.
 - scale (per channel c): lin1.weight[c, :], lin1.bias[c]   (exact when eps = 0 and the batch variance > 0)

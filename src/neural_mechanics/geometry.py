@@ -1,7 +1,7 @@
 """Geometric constraints that symmetry puts on gradients and Hessians, checked numerically.
 
 Every symmetry psi(theta, alpha) with generator xi(theta) forces, at every theta and for every
-minibatch (THEORY.md section 1):
+minibatch (docs/theory.md section 1):
 
     gradient constraint   <g, xi(theta)> = 0
     Hessian constraint    r = H xi + J^T g = 0,   J = d xi / d theta

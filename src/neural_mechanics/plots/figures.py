@@ -3,7 +3,7 @@
 One function per figure; each returns a matplotlib Figure and raises `FigureUnavailable` (with the
 reason) when the run lacks the data. Nothing here computes a prediction: the tracker does that.
 The only arithmetic is presentation (relative errors, smoothing, the closed-form equilibrium values
-of THEORY.md section 3 that a figure overlays on the measurement).
+of docs/theory.md section 3 that a figure overlays on the measurement).
 
 1. `fig_norm_dynamics`     per-parameter vs per-filter squared norms (paper Fig. 1)
 2. `fig_charges`           measured vs exact vs paper charges per group, a panel per kind (and per run)
@@ -301,7 +301,7 @@ def fig_constraints(constraints: Any, bins: int = 40) -> Figure:
 # ---- 5. equilibrium -----------------------------------------------------------------------------
 def equilibrium_norm(lr: np.ndarray | float, grad_sq: np.ndarray | float, weight_decay: float,
                      momentum: float = 0.0, dampening: float = 0.0) -> np.ndarray:
-    """S_eq = eta |g_A|^2 / (2 lambda - eta lambda^2) (SGD, THEORY.md section 3).
+    """S_eq = eta |g_A|^2 / (2 lambda - eta lambda^2) (SGD, docs/theory.md section 3).
 
     With heavy-ball momentum the same balance at leading order in eta lambda gives
     S_eq = eta (1 - tau) |g_A|^2 / (2 lambda (1 - beta)), i.e. eta -> eta (1 - tau) / (1 - beta).
@@ -315,7 +315,7 @@ def equilibrium_norm(lr: np.ndarray | float, grad_sq: np.ndarray | float, weight
 def equilibrium_angular_update(lr: np.ndarray | float, weight_decay: float, momentum: float = 0.0,
                                dampening: float = 0.0) -> np.ndarray:
     """|delta theta_A| / |theta_A| at equilibrium: sqrt(2 eta lambda - eta^2 lambda^2) (SGD),
-    sqrt(2 eta lambda (1 - tau) / (1 + beta)) with momentum (THEORY.md section 3)."""
+    sqrt(2 eta lambda (1 - tau) / (1 + beta)) with momentum (docs/theory.md section 3)."""
     lr_a = np.asarray(lr, dtype=np.float64)
     if momentum == 0:
         return np.sqrt(2 * lr_a * weight_decay - (lr_a * weight_decay) ** 2)

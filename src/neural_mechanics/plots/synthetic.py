@@ -7,7 +7,7 @@ group's gradient constraint <D theta, g> = 0 up to a small, deliberate breaking 
 BatchNorm's eps). From that it records what the tracker records:
 
 - measured charge C_k = <theta_k, D theta_k> (T_k = <theta_k, 1_A> for translation), in float64;
-- predicted_exact: THEORY.md section 5 recurrence with the measured U_k, V_k and B_k = 0;
+- predicted_exact: docs/theory.md section 5 recurrence with the measured U_k, V_k and B_k = 0;
 - predicted_breaking: the same recurrence with the measured breaking B_k = <D theta_k, g_k> carried;
 - predicted_paper: the continuous model of section 3 (SGD: exponential decay plus the eta |g|^2
   integral; momentum: the damped oscillator S'' + 2 gamma S' + omega^2 S = 2 |theta'|^2 stepped with

@@ -3,7 +3,7 @@
 A `Member` selects a slice of one parameter tensor, by the name `model.named_parameters()` gives it:
 `dim`/`index` pick `index` along `dim` (both None = the whole tensor), and `role` marks A1 ("in",
 sign +1) and A2 ("out", sign -1) of a rescale group. A `Symmetry` is a kind plus members; a
-`SymmetrySet` is what `find_symmetries` returns. The JSON form is the public contract in DESIGN.md:
+`SymmetrySet` is what `find_symmetries` returns. The JSON form is the public contract in docs/contract.md:
 
     {"kind": "scale", "name": "...", "members": [{"param": "features.0.weight", "dim": 0,
      "index": [3], "role": null}, ...], "layer": "...", "chain": [...]}
@@ -371,7 +371,7 @@ class SymmetrySet(Sequence[Symmetry]):
 
     # Serialisation -----------------------------------------------------------------------------
     def to_json(self, indent: int | None = None) -> str:
-        """The JSON list of symmetries (the contract in DESIGN.md)."""
+        """The JSON list of symmetries (the contract in docs/contract.md)."""
         return json.dumps([s.to_dict() for s in self], indent=indent)
 
     @classmethod

@@ -2,7 +2,7 @@
 
 Both the streaming tracker (per step, thousands of groups, float32 training) and the geometry checks
 (float64, Hessian probes) need the same two linear maps for a list of groups i with signed masks D_i
-(+1 on A / A1, -1 on A2, THEORY.md section 1):
+(+1 on A / A1, -1 on A2, docs/theory.md section 1):
 
     reduce(f)[i] = sum_{A_i} D_i f          (|D_i| when unsigned)
     expand(c)    = sum_i c_i D_i            (a parameter-shaped tensor per touched parameter)

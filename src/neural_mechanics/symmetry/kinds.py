@@ -2,7 +2,7 @@
 
 Each kind fixes how a group of parameter coordinates A moves under the group action, what the
 infinitesimal generator xi(theta) is, and which quantity ("charge") gradient flow conserves
-(THEORY.md section 1):
+(docs/theory.md section 1):
 
 | kind        | action psi(theta, alpha)            | generator xi(theta)      | charge                          |
 |-------------|-------------------------------------|--------------------------|---------------------------------|

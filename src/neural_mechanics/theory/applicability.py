@@ -23,7 +23,7 @@ ADAPTIVE_REASON = "adaptive preconditioner breaks the conservation law"
 
 
 def exact_theory_applies(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> tuple[bool, str]:
-    """(True, why) when THEORY.md section 5 predicts this param_group exactly, else (False, the reason).
+    """(True, why) when docs/theory.md section 5 predicts this param_group exactly, else (False, the reason).
 
     Applies: torch.optim.SGD (and subclasses that keep SGD.step) with real floating-point parameters, any lr,
     momentum, dampening < 1, Nesterov, weight decay, maximize (handled as B -> -B), foreach or fused kernels

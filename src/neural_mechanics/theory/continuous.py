@@ -1,4 +1,4 @@
-"""The paper's continuous-time predictions of the charges (THEORY.md section 3), online and stable.
+"""The paper's continuous-time predictions of the charges (docs/theory.md section 3), online and stable.
 
 SGD + weight decay (beta = 0), modified gradient flow with time t = eta k:
     T(t) = e^{-lambda t} T(0),   S(t) = e^{-2 lambda t} S(0) + eta int_0^t e^{-2 lambda (t - s)} |g_A(s)|^2 ds

@@ -1,4 +1,4 @@
-"""Equilibria of quadratic charges under SGD + weight decay (THEORY.md section 3, end).
+"""Equilibria of quadratic charges under SGD + weight decay (docs/theory.md section 3, end).
 
 Weight decay shrinks a scale-invariant group while the gradient, orthogonal to theta_A, inflates it; the two
 balance. Averaging the exact recurrence C_{k+1} = (1 - eta lambda)^2 C_k + eta^2 <g, D g> over a stationary

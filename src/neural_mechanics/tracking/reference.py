@@ -1,7 +1,7 @@
 """Brute-force reference tracker: dense masks, explicit update vectors, scalar recurrences per group.
 
 This is the slow, obviously-correct twin of `Tracker`, for tests only. At every step it copies all
-parameters, builds the update u_k of torch.optim.SGD explicitly (in float64, THEORY.md section 5)
+parameters, builds the update u_k of torch.optim.SGD explicitly (in float64, docs/theory.md section 5)
 
     d = g + lambda theta (g -> -g under maximize),  b = d (first buffered step) | beta b_prev + (1 - tau) d,
     u = d | b | d + beta b,

@@ -6,7 +6,7 @@ the training loop does to the gradients before `step()` (global-norm clipping, a
 is what it sees, and it reads lr / momentum / dampening / weight decay from `optimizer.param_groups` at every
 step (any scheduler works).
 
-Per step the tracker reads as little memory as the recurrences allow (THEORY.md section 5 notation):
+Per step the tracker reads as little memory as the recurrences allow (docs/theory.md section 5 notation):
 
     d = g + lambda theta,   b_k = beta b_{k-1} + (1 - tau) d  (b_0 = d),   u = d | b_k | d + beta b_k
     B_k = <D theta, g>,  U_k = <u, D u>,  V_k = <D u, b_k>,  grad_sq = <g, D g>,  velocity_sq = <b_k, D b_k>
