@@ -1,11 +1,10 @@
 """Gradient and Hessian constraint checks (nm.check_constraints), each against a brute-force reference.
 
-The models' groups are derived by hand (THEORY.md section 1), so these tests do not depend on the
-detector; a last test runs the checks on the detector's output when it exists.
+The models' groups are derived by hand (docs/theory.md section 1), so these tests do not depend on the
+detector; the last tests run the checks on the detector's output.
 """
 
 import copy
-import importlib.util
 import math
 
 import pytest
@@ -22,6 +21,7 @@ from neural_mechanics.geometry import (
     check_constraints,
     working_copy,
 )
+from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet
 
 torch.set_num_threads(1)
@@ -308,12 +308,8 @@ def test_empty_symmetry_set():
     assert rep.ok() and rep.groups == [] and len(rep.to_frame()) == 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("neural_mechanics.symmetry.detect") is None,
-                    reason="symmetry/detect.py not written yet")
 @pytest.mark.parametrize("case", ["mlp", "conv"])
 def test_constraints_hold_on_detected_groups(case):
-    from neural_mechanics.symmetry.detect import find_symmetries
-
     make, _groups = CASES[case]
     model = make()
     x, y = batch(case)
@@ -327,8 +323,6 @@ def test_attention_model_key_bias_and_hessian():
     """A transformer layer (scaled_dot_product_attention): the HVPs run (the fused attention kernels have no double
     backward, the math kernel has), and the key-bias groups, whose gradient vanishes to rounding, pass the gradient
     constraint instead of showing the +-1 cosine of a one-element group's rounding noise."""
-    from neural_mechanics.symmetry.detect import find_symmetries
-
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0,
                                              norm_first=True)
