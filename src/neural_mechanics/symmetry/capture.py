@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from neural_mechanics.errors import CaptureError, InputShapeError
+from neural_mechanics.symmetry.utils import as_args
 
 LossSpec = str | Callable[[Any], Tensor] | None
 
@@ -63,17 +64,6 @@ class CapturedGraph:
     @property
     def graph(self) -> torch.fx.Graph:
         return self.gm.graph
-
-
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise InputShapeError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}",
-        "pass one example batch, e.g. torch.randn(4, 3, 32, 32), or a tuple of the forward's arguments",
-    )
 
 
 def first_tensor(out: Any) -> Tensor:
@@ -150,7 +140,7 @@ def _check_runs(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, 
 
 def capture(model: nn.Module, example_inputs: Any, loss: LossSpec = "cross_entropy") -> CapturedGraph:
     """Trace `loss(model(*inputs))` (or `model(*inputs)` for loss "mse"/None) into an ATen graph."""
-    inputs = _as_tuple(example_inputs)
+    inputs = as_args(example_inputs)
     names = [n for n, _ in model.named_parameters()]
     plist = [p.detach() for _, p in model.named_parameters()]
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}

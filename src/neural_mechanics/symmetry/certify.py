@@ -32,9 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from neural_mechanics.errors import NMechError
-from neural_mechanics.geometry import (
+from neural_mechanics.symmetry.groups import Symmetry
+from neural_mechanics.symmetry.incidence import GroupIncidence
+from neural_mechanics.symmetry.kinds import KINDS
+from neural_mechanics.symmetry.utils import (
     NEGLIGIBLE_EPS,
-    GroupIncidence,
     Inputs,
     as_args,
     cast_inputs,
@@ -43,8 +45,6 @@ from neural_mechanics.geometry import (
     parameter_dict,
     working_copy,
 )
-from neural_mechanics.symmetry.groups import Symmetry
-from neural_mechanics.symmetry.kinds import KINDS
 
 LossSpec = str | Callable[[Any], Tensor]
 
