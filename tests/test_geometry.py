@@ -203,7 +203,7 @@ def test_probe_residual_is_signed_sum_of_per_group_residuals():
     x, y = batch()
     groups = list(mlp_groups()) + bogus_groups()  # overlapping groups, non-zero residuals
     work, _ = working_copy(model)
-    hes = _Hessian(work, F.cross_entropy, (x.double(),), y, need_hvp=True)
+    hes = _Hessian(work, lambda out: F.cross_entropy(out, y), (x.double(),), need_hvp=True)
     theta, g = hes.params, hes.grad
     inc = GroupIncidence(groups, theta)
     z = {k: torch.randn(v.shape, dtype=torch.float64) for k, v in theta.items()}

@@ -56,6 +56,7 @@ from neural_mechanics.errors import NMechError
 from neural_mechanics.symmetry.groups import Symmetry
 from neural_mechanics.symmetry.incidence import GroupIncidence
 from neural_mechanics.symmetry.kinds import KINDS
+from neural_mechanics.symmetry.loss import LossLike, as_loss_spec
 from neural_mechanics.symmetry.utils import (
     NEGLIGIBLE_EPS,
     as_args,
@@ -206,24 +207,25 @@ class ConstraintReport:
 # The check
 # ---------------------------------------------------------------------------------------------------
 
-LossFn = Callable[[Any, Any], Tensor]
+Loss = Callable[[Any], Tensor]
+"""outputs -> scalar loss, the targets already bound (`LossSpec.bind`, symmetry/loss.py)."""
 
 
 class _Hessian:
-    """Gradient and reusable Hessian-vector products of loss_fn(model(inputs), targets) at theta.
+    """Gradient and reusable Hessian-vector products of loss(model(*args)) at theta.
 
     HVPs are torch.func.vjp of torch.func.grad (reverse over reverse): H is symmetric, so the vjp
     of the gradient map with cotangent v is H v. The vjp closure is built once.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, args: tuple[Any, ...], targets: Any, need_hvp: bool):
+    def __init__(self, model: nn.Module, loss: Loss, args: tuple[Any, ...], need_hvp: bool):
         from torch.func import functional_call, grad, vjp
 
         self.params = parameter_dict(model)
         buffers = {n: b for n, b in model.named_buffers()}
 
         def loss_of(p: Mapping[str, Tensor]) -> Tensor:
-            return loss_fn(functional_call(model, {**p, **buffers}, args), targets)
+            return loss(functional_call(model, {**p, **buffers}, args))
 
         def loss_and_value(p: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
             value = loss_of(p)
@@ -294,7 +296,7 @@ class _HessianProbe:
 
 def check_constraints(
     model: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossLike,
     batch: tuple[Any, Any],
     symmetries: Iterable[Symmetry],
     *,
@@ -308,9 +310,13 @@ def check_constraints(
 ) -> ConstraintReport:
     """Gradient and Hessian constraint residuals of every group on one batch, in `dtype`.
 
-    loss_fn(outputs, targets) -> scalar; batch = (inputs, targets) with inputs a tensor or a tuple of
-    positional arguments. Runs on a deep copy (see `working_copy`): the model is left exactly as it
-    was. Normalisation eps is set to `norm_eps` on the copy (None keeps the real eps).
+    loss_fn: the loss argument of find_symmetries and certify (symmetry/loss.py): a callable
+    loss_fn(outputs, targets) -> scalar (e.g. F.cross_entropy; a callable that also accepts one argument
+    is called with two here, as always), a callable loss(outputs) -> scalar, "cross_entropy" / "softmax"
+    (cross-entropy of the logits over the class axis), "mse", or a LossSpec. batch = (inputs, targets)
+    with inputs a tensor or a tuple of positional arguments. Runs on a deep copy (see `working_copy`):
+    the model is left exactly as it was. Normalisation eps is set to `norm_eps` on the copy (None keeps
+    the real eps).
 
     Gradient (every group, exact): grad_cos_i = <g, D_i theta> / (|g_A_i| |theta_A_i|) for the
     quadratic kinds, <g, 1_A_i> / (|g_A_i| sqrt|A_i|) for translation; the baseline replaces xi_i by
@@ -336,6 +342,7 @@ def check_constraints(
                          "call check_constraints(model, loss_fn, (x, y), symmetries)")
     if n_probes < 1:
         raise NMechError(f"n_probes must be >= 1, got {n_probes}", "use n_probes=8 (the default)")
+    spec = as_loss_spec(loss_fn, targets_by_default=True)
     inputs, targets = batch
     notes: list[str] = []
     evals = eval_mode_batchnorms(model)
@@ -357,7 +364,7 @@ def check_constraints(
     # one dropout mask for the gradient, the HVPs and the loss value; attention through the math kernel, whose
     # backward is differentiable again (the fused CPU/GPU kernels have no double backward, which HVPs need)
     with fixed_rng(seed, device), sdpa_kernel([SDPBackend.MATH]):
-        hes = _Hessian(work, loss_fn, args, targets, need_hvp=hessian and bool(syms))
+        hes = _Hessian(work, spec.bind(targets), args, need_hvp=hessian and bool(syms))
     theta = hes.params
     g = hes.grad
     if not syms:
