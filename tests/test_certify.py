@@ -14,10 +14,10 @@ from torch.nn import functional as F
 
 from hand_models import batch, convnet, convnet_groups, mlp, mlp_groups
 from neural_mechanics.errors import NMechError
-from neural_mechanics.geometry import GroupIncidence
 from neural_mechanics.symmetry.certify import certify, compose_actions
 from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet
+from neural_mechanics.symmetry.incidence import GroupIncidence
 
 torch.set_num_threads(1)
 

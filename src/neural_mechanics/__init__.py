@@ -11,8 +11,8 @@
     nm.write_report("runs/a")                                # one self-contained HTML file
 """
 
+from .constraints import ConstraintReport, check_constraints
 from .errors import NMechError
-from .geometry import ConstraintReport, check_constraints
 from .plots.report import write_report
 from .symmetry import KINDS, Member, Symmetry, SymmetrySet
 from .symmetry.certify import CertificationReport, certify

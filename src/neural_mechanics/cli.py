@@ -158,7 +158,7 @@ def check(
     import torch
     import torch.nn.functional as F
 
-    from .geometry import check_constraints
+    from .constraints import check_constraints
     from .symmetry.detect import find_symmetries
 
     resolved, net, inputs = _load(model, input_shape, num_classes, batch, seed, eval_mode=False)

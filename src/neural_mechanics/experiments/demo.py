@@ -18,11 +18,15 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
+from neural_mechanics.constraints import check_constraints
 from neural_mechanics.errors import RunStoreError
 from neural_mechanics.experiments.config import load_config
 from neural_mechanics.experiments.datasets import load_dataset, make_loader
 from neural_mechanics.experiments.specs import resolve_model
 from neural_mechanics.experiments.train import run_training
+from neural_mechanics.plots.report import write_report
+from neural_mechanics.symmetry.certify import certify
+from neural_mechanics.symmetry.detect import find_symmetries
 
 EXACT_TARGET = 1e-4
 
@@ -45,11 +49,6 @@ def _clear_previous_demo(run_dir: Path) -> None:
 
 def run_demo(out: Path, *, steps: int | None = None, console: Any = None) -> dict[str, Any]:
     """Run the four stages; return the numbers printed (for tests)."""
-    from neural_mechanics.geometry import check_constraints
-    from neural_mechanics.plots.report import write_report
-    from neural_mechanics.symmetry.certify import certify
-    from neural_mechanics.symmetry.detect import find_symmetries
-
     console = console or Console()
     overrides = [f"steps={steps}"] if steps is not None else []
     cfg = load_config("demo", overrides)

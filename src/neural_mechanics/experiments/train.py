@@ -785,7 +785,7 @@ def _save_constraints(model: nn.Module, symmetries: Any, data: DatasetInfo, out_
     """Check the gradient (and, for small models, Hessian) constraints on one batch at step 0 and save them as
     `constraints.parquet` beside the run, where the report's constraint histograms read them. Best effort: a
     failure here is a warning, never a lost run."""
-    from neural_mechanics.geometry import check_constraints
+    from neural_mechanics.constraints import check_constraints
 
     if not len(symmetries):
         return

@@ -1,7 +1,7 @@
 """Running a model numerically without touching it: the float64 working copy and the inputs it is fed.
 
 This is the bottom utilities layer that certification (symmetry/certify.py), graph capture
-(symmetry/capture.py) and the gradient/Hessian constraint checks (geometry.py) share;
+(symmetry/capture.py) and the gradient/Hessian constraint checks (neural_mechanics.constraints) share;
 its sibling symmetry/incidence.py is the compiled group-incidence kernel of the same layer. It imports
 nothing from the package but `errors`, so every layer above may use it.
 
