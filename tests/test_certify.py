@@ -6,7 +6,6 @@ be left exactly as it was.
 """
 
 import copy
-import importlib.util
 import math
 
 import pytest
@@ -15,9 +14,10 @@ from torch.nn import functional as F
 
 from hand_models import batch, convnet, convnet_groups, mlp, mlp_groups
 from neural_mechanics.errors import NMechError
-from neural_mechanics.geometry import GroupIncidence
 from neural_mechanics.symmetry.certify import certify, compose_actions
+from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet
+from neural_mechanics.symmetry.incidence import GroupIncidence
 
 torch.set_num_threads(1)
 
@@ -159,12 +159,8 @@ def test_empty_set_and_bad_inputs():
         certify(mlp(), [Symmetry("scale", "x", (Member("nope.weight"),))], x_mlp())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("neural_mechanics.symmetry.detect") is None,
-                    reason="symmetry/detect.py not written yet")
 @pytest.mark.parametrize("make,x", [(mlp, x_mlp), (convnet, x_conv)])
 def test_detected_groups_certify(make, x):
-    from neural_mechanics.symmetry.detect import find_symmetries
-
     model = make()
     found = find_symmetries(model, x())
     assert len(found) > 0

@@ -22,10 +22,10 @@ import gc
 import pytest
 import torch
 
-from neural_mechanics.symmetry.capture import first_tensor
 from neural_mechanics.symmetry.certify import certify
 from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.symmetry.groups import Member, Symmetry
+from neural_mechanics.symmetry.loss import first_tensor
 from test_detect_support import certify_groups
 from test_torchvision_support import DOC, EXPECTED, all_names, available_gb, read_expected, read_table, specs
 from zoo_expectations import derive, provenance

@@ -260,10 +260,6 @@ def test_paper_vgg16_bn_config_on_tiny_imagenet_fixture_then_report(tmp_path, mo
     valid = df[df["valid"]]
     rel = (valid["predicted_exact"] - valid["measured"]).abs() / valid["norm"]
     assert rel.max() < 1e-4
-    try:
-        import neural_mechanics.plots.report  # noqa: F401
-    except ImportError:
-        pytest.skip("plots/report.py is not there yet (another engineer's part)")
     code, _out, err = nmech(monkeypatch, capsys, "report", str(run))
     assert code == 0, err
     html = (run / "report.html").read_text()

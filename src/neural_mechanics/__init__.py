@@ -4,18 +4,20 @@
     sym = nm.find_symmetries(model, example_inputs)          # SymmetrySet
     nm.certify(model, sym, example_inputs)                   # group actions leave the loss unchanged?
     nm.check_constraints(model, loss_fn, (x, y), sym)        # gradient / Hessian constraints
+    # all three take the same loss argument: "cross_entropy", "mse", a callable, or nm.LossSpec(...)
     with nm.Tracker(model, optimizer, sym, "runs/a") as t:   # charges vs exact and paper predictions
         ...
     nm.open_run("runs/a").frame()                            # long-form pandas DataFrame
     nm.write_report("runs/a")                                # one self-contained HTML file
 """
 
+from .constraints import ConstraintReport, check_constraints
 from .errors import NMechError
-from .geometry import ConstraintReport, check_constraints
 from .plots.report import write_report
 from .symmetry import KINDS, Member, Symmetry, SymmetrySet
 from .symmetry.certify import CertificationReport, certify
 from .symmetry.detect import find_symmetries
+from .symmetry.loss import LossSpec
 from .tracking.store import Run, open_run
 from .tracking.tracker import Tracker
 
@@ -25,6 +27,7 @@ __all__ = [
     "KINDS",
     "CertificationReport",
     "ConstraintReport",
+    "LossSpec",
     "Member",
     "NMechError",
     "Run",

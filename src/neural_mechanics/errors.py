@@ -19,6 +19,14 @@ class CaptureError(NMechError):
     """The model (plus loss) could not be captured as a computation graph."""
 
 
+class LossSpecError(CaptureError):
+    """A loss argument is not one of the accepted forms, or does not fit the model's outputs.
+
+    A subclass of CaptureError because `find_symmetries` raised CaptureError for a bad loss before the
+    three entry points shared one loss specification (symmetry/loss.py); handlers of either still catch it.
+    """
+
+
 class ModelSpecError(NMechError):
     """A MODEL argument (`torchvision:NAME`, `package.module:factory`, preset) could not be resolved."""
 

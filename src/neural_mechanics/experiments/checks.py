@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from neural_mechanics.constraints import ConstraintReport, check_constraints
 from neural_mechanics.experiments.specs import ResolvedModel, resolve_model
-from neural_mechanics.geometry import ConstraintReport, check_constraints
 from neural_mechanics.symmetry import SymmetrySet
 from neural_mechanics.symmetry.certify import certify
 from neural_mechanics.symmetry.detect import find_symmetries

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
+from neural_mechanics.constraints import check_constraints
 from neural_mechanics.errors import RunStoreError
 from neural_mechanics.experiments.config import load_config
 from neural_mechanics.experiments.datasets import load_dataset, make_loader
 from neural_mechanics.experiments.specs import resolve_model
 from neural_mechanics.experiments.train import run_training
-from neural_mechanics.geometry import check_constraints
 from neural_mechanics.plots.report import write_report
 from neural_mechanics.symmetry.certify import certify
 from neural_mechanics.symmetry.detect import find_symmetries

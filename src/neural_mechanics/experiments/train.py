@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neural_mechanics.constraints import check_constraints
 from neural_mechanics.errors import CaptureError, ConfigError
 from neural_mechanics.experiments.callbacks import (
     Checkpointing,
@@ -78,7 +79,6 @@ from neural_mechanics.experiments.loop import Callback, MetricRows, TrainLoop
 from neural_mechanics.experiments.optimizers import build_optimizer
 from neural_mechanics.experiments.rundir import RunDirectory, store_error
 from neural_mechanics.experiments.specs import resolve_model
-from neural_mechanics.geometry import check_constraints
 from neural_mechanics.symmetry import SymmetrySet
 from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.tracking import store as run_store

@@ -31,16 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from neural_mechanics.errors import CaptureError, InputShapeError
-
-LossSpec = str | Callable[[Any], Tensor] | None
-
-SOFTMAX_LOSSES = ("cross_entropy", "softmax")
-PLAIN_LOSSES = ("mse", "none")
+from neural_mechanics.symmetry.loss import LossLike, as_loss_spec
+from neural_mechanics.symmetry.utils import as_args
 
 
 @dataclass
@@ -63,65 +60,6 @@ class CapturedGraph:
     @property
     def graph(self) -> torch.fx.Graph:
         return self.gm.graph
-
-
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise InputShapeError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}",
-        "pass one example batch, e.g. torch.randn(4, 3, 32, 32), or a tuple of the forward's arguments",
-    )
-
-
-def first_tensor(out: Any) -> Tensor:
-    """The logits of a model output: the tensor itself, the first tensor of a tuple, or a dict's 'logits'."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, dict):
-        if "logits" in out and isinstance(out["logits"], Tensor):
-            return out["logits"]
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            if isinstance(o, Tensor):
-                return o
-    if hasattr(out, "logits") and isinstance(out.logits, Tensor):
-        return out.logits
-    raise CaptureError(
-        f"the model returned {type(out).__name__}, in which no logits tensor was found",
-        "return a tensor (or a tuple whose first tensor is the logits), or pass loss=callable(outputs)",
-    )
-
-
-def softmax_loss(out: Any) -> Tensor:
-    """The captured stand-in for cross-entropy: sum(log_softmax(logits, dim=1)) (dim 0 for 1-D logits).
-
-    Cross-entropy with any targets is a function of log_softmax over the class dimension (dim 1, the
-    `F.cross_entropy` convention), so its symmetries are those of this graph.
-    """
-    logits = first_tensor(out)
-    return F.log_softmax(logits, dim=1 if logits.ndim > 1 else 0).sum()
-
-
-def _loss_fn(loss: LossSpec) -> tuple[Callable[[Any], Any] | None, str]:
-    if loss is None:
-        return None, "none"
-    if isinstance(loss, str):
-        key = loss.lower()
-        if key in SOFTMAX_LOSSES:
-            return softmax_loss, key
-        if key in PLAIN_LOSSES:
-            return None, key
-        raise CaptureError(
-            f"unknown loss {loss!r}",
-            f"use one of {SOFTMAX_LOSSES + PLAIN_LOSSES}, None, or a callable loss(outputs) -> scalar",
-        )
-    if callable(loss):
-        return loss, getattr(loss, "__name__", type(loss).__name__)
-    raise CaptureError(f"loss must be a string, None or a callable, got {type(loss).__name__}", None)
 
 
 _SHAPE_HINTS = (
@@ -148,15 +86,20 @@ def _check_runs(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, 
         ) from e
 
 
-def capture(model: nn.Module, example_inputs: Any, loss: LossSpec = "cross_entropy") -> CapturedGraph:
-    """Trace `loss(model(*inputs))` (or `model(*inputs)` for loss "mse"/None) into an ATen graph."""
-    inputs = _as_tuple(example_inputs)
+def capture(model: nn.Module, example_inputs: Any, loss: LossLike = "cross_entropy") -> CapturedGraph:
+    """Trace `loss(model(*inputs))` (or `model(*inputs)` for loss "mse"/None) into an ATen graph.
+
+    `loss` is converted by `symmetry.loss.as_loss_spec`; what is traced after the model is
+    `LossSpec.captured()` (for cross-entropy, the stand-in sum(log_softmax(logits, class axis))).
+    """
+    inputs = as_args(example_inputs)
     names = [n for n, _ in model.named_parameters()]
     plist = [p.detach() for _, p in model.named_parameters()]
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     bnames = [n for n, _ in model.named_buffers()]
     blist = [b.detach().clone() for _, b in model.named_buffers()]
-    loss_fn, loss_name = _loss_fn(loss)
+    spec = as_loss_spec(loss)
+    loss_fn = spec.captured()
 
     def f(params: list[Tensor], buffers: list[Tensor], *xs: Any) -> Any:
         state = (dict(zip(names, params, strict=True)), dict(zip(bnames, buffers, strict=True)))
@@ -204,7 +147,7 @@ def capture(model: nn.Module, example_inputs: Any, loss: LossSpec = "cross_entro
         buffers=buffers,
         inputs=placeholders[n_p + n_b :],
         mechanism=mechanism,
-        loss=loss_name,
+        loss=spec.name,
         input_shapes=[tuple(x.shape) for x in inputs if isinstance(x, Tensor)],
         model_outputs_are_graph_outputs=loss_fn is None,
     )
@@ -215,8 +158,6 @@ def _make_fx(
 ) -> Any:
     """make_fx, pre-dispatch. mode "fake": shapes only (fast; fails on data-dependent reads such as
     `.item()`); "real": real tensors, data-dependent reads specialised to the example inputs."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     return make_fx(f, pre_dispatch=True, tracing_mode=mode, _error_on_data_dependent_ops=False)(  # type: ignore[arg-type]
         list(plist), [b.clone() for b in blist], *inputs
     )

@@ -13,8 +13,10 @@ directly, which catches wrong groups whatever produced them, on a float64 deep c
   the reference action `Symmetry.act`.
 
 relative change = |after - before| / max(|before|, tiny) for the loss; for the outputs the max-norm
-of the difference over the max-norm of the outputs (scale and rescale only: a translation shifts
-the logits by design, which the softmax then ignores, so its output change is NaN).
+of the difference over the max-norm of the outputs the loss reads (the logits for cross-entropy, every
+output tensor otherwise: `LossSpec.observed`, symmetry/loss.py), for scale and rescale only: a
+translation shifts the logits by design, which the softmax then ignores, so its output change is NaN.
+The loss is the one find_symmetries and check_constraints use for the same argument (`as_loss_spec`).
 
 Normalisation eps breaks scale symmetry by ~eps/var; on the copy it is set to a negligible value
 (noted in the report), so that what remains is float64 rounding. Every forward pass runs under the
@@ -24,17 +26,22 @@ same forked RNG seed, so dropout draws the same mask before and after.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from neural_mechanics.errors import NMechError
-from neural_mechanics.geometry import (
+from neural_mechanics.symmetry.groups import Symmetry
+from neural_mechanics.symmetry.incidence import GroupIncidence
+from neural_mechanics.symmetry.kinds import KINDS
+from neural_mechanics.symmetry.loss import LossLike, as_loss_spec
+from neural_mechanics.symmetry.utils import (
     NEGLIGIBLE_EPS,
-    GroupIncidence,
     Inputs,
     as_args,
     cast_inputs,
@@ -43,10 +50,6 @@ from neural_mechanics.geometry import (
     parameter_dict,
     working_copy,
 )
-from neural_mechanics.symmetry.groups import Symmetry
-from neural_mechanics.symmetry.kinds import KINDS
-
-LossSpec = str | Callable[[Any], Tensor]
 
 
 @dataclass
@@ -94,8 +97,6 @@ class CertificationReport:
 
     def to_frame(self) -> Any:
         """One row per tested action (pandas DataFrame); `scope` tells single groups from compositions."""
-        import pandas as pd
-
         cols = list(GroupCertification.__dataclass_fields__)
         return pd.DataFrame([asdict(r) for r in (*self.all_at_once, *self.results)], columns=cols)
 
@@ -127,38 +128,8 @@ def _badness(r: GroupCertification) -> float:
     return max(vals) if vals else math.inf
 
 
-def _leaves(x: Any) -> list[Tensor]:
-    from torch.utils._pytree import tree_leaves
-
-    return [t for t in tree_leaves(x) if isinstance(t, Tensor)]
-
-
 def _max_abs(ts: Sequence[Tensor]) -> float:
     return max((float(t.detach().abs().max()) for t in ts if t.numel()), default=0.0)
-
-
-def _make_loss(loss: LossSpec, out0: Any, targets: Any, gen: torch.Generator) -> tuple[Callable[[Any], Tensor], str]:
-    if callable(loss):
-        return loss, getattr(loss, "__name__", "callable")
-    if loss not in ("cross_entropy", "mse"):
-        raise NMechError(f"unknown loss {loss!r}",
-                         "use loss='cross_entropy', loss='mse' or a callable(outputs) -> scalar tensor")
-    if not isinstance(out0, Tensor):
-        raise NMechError(f"loss={loss!r} needs the model to return one tensor, got {type(out0).__name__}",
-                         "pass loss=callable(outputs) -> scalar tensor")
-    if loss == "cross_entropy":
-        if out0.ndim < 2:
-            raise NMechError(f"cross_entropy needs outputs of shape (N, C, ...), got {tuple(out0.shape)}",
-                             "pass loss='mse' or a callable loss")
-        if targets is None:
-            shape = (out0.shape[0], *out0.shape[2:])
-            targets = torch.randint(0, out0.shape[1], shape, generator=gen).to(out0.device)
-        t = targets.to(out0.device)
-        return (lambda out: nn.functional.cross_entropy(out, t)), loss
-    if targets is None:
-        targets = torch.randn(out0.shape, generator=gen, dtype=out0.dtype).to(out0.device)
-    tm = targets.to(device=out0.device, dtype=out0.dtype)
-    return (lambda out: nn.functional.mse_loss(out, tm)), loss
 
 
 def compose_actions(
@@ -191,7 +162,7 @@ def certify(
     symmetries: Iterable[Symmetry],
     example_inputs: Inputs,
     *,
-    loss: LossSpec = "cross_entropy",
+    loss: LossLike = "cross_entropy",
     targets: Tensor | None = None,
     sample: int | None = 64,
     seed: int = 0,
@@ -201,8 +172,11 @@ def certify(
 ) -> CertificationReport:
     """Apply the group actions numerically and report per group whether loss and outputs are unchanged.
 
-    loss: "cross_entropy" (targets: the given ones, or seeded random class indices over dim 1 of the
-    outputs), "mse" (against seeded random targets, or the given ones), or callable(outputs) -> scalar.
+    loss: the loss argument of find_symmetries and check_constraints (symmetry/loss.py): "cross_entropy" /
+    "softmax" (targets: the given ones, or seeded random class indices over the class axis of the logits),
+    "mse" / None (against the given targets, or seeded random ones), a callable loss(outputs) -> scalar,
+    a callable loss(outputs, targets) with `targets`, or a LossSpec. The outputs compared are those the
+    loss reads (`LossSpec.observed`: the logits for cross-entropy, every output tensor otherwise).
     A result passes when rel_loss_change <= tol and (scale/rescale) rel_output_change <= tol.
     Train-mode BatchNorm normalises with batch statistics in every evaluation; the model itself
     (parameters, buffers, train/eval modes, dtype, device) is left exactly as it was.
@@ -210,6 +184,7 @@ def certify(
     syms = list(symmetries)
     if sample is not None and sample < 0:
         raise NMechError(f"sample must be >= 0 or None, got {sample}", "use sample=64 or sample=None (every group)")
+    spec = as_loss_spec(loss)
     device = model_device(model)
     work, notes = working_copy(model, dtype, norm_eps)
     args = cast_inputs(as_args(example_inputs), dtype, device)
@@ -217,17 +192,15 @@ def certify(
     buffers = dict(work.named_buffers())
     gen = torch.Generator().manual_seed(seed)
 
-    from torch.func import functional_call
-
     def forward(p: dict[str, Tensor]) -> Any:
         with torch.no_grad(), fixed_rng(seed, device):
             return functional_call(work, {**p, **buffers}, args)
 
     out0 = forward(params)
-    loss_fn, loss_name = _make_loss(loss, out0, targets, gen)
+    loss_fn = spec.bind(targets, like=out0, generator=gen)
     with torch.no_grad():
         loss0 = float(loss_fn(out0))
-    leaves0 = _leaves(out0)
+    leaves0 = spec.observed(out0)
     scale0 = _max_abs(leaves0)
     tiny = torch.finfo(torch.float64).tiny
 
@@ -237,7 +210,7 @@ def certify(
             rel_loss = abs(float(loss_fn(out)) - loss0) / max(abs(loss0), tiny)
         if not with_outputs:
             return rel_loss, math.nan
-        diff = _max_abs([a - b for a, b in zip(_leaves(out), leaves0, strict=True)])
+        diff = _max_abs([a - b for a, b in zip(spec.observed(out), leaves0, strict=True)])
         return rel_loss, diff / max(scale0, tiny)
 
     # random factors, one per group (shared by the composed and the single-group actions)
@@ -285,4 +258,4 @@ def certify(
     if sample is not None and len(chosen) < len(syms):
         notes.append(f"{len(chosen)} of {len(syms)} groups tested alone (sample={sample} per kind); "
                      "all groups are in the all-at-once compositions")
-    return CertificationReport(results, all_at_once, tol, loss_name, loss0, len(syms), notes)
+    return CertificationReport(results, all_at_once, tol, spec.name, loss0, len(syms), notes)

@@ -27,10 +27,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from neural_mechanics.symmetry.attention import QKPair
-from neural_mechanics.symmetry.capture import LossSpec, capture
+from neural_mechanics.symmetry.capture import capture
 from neural_mechanics.symmetry.graph import INVARIANT
 from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet, _short_index
 from neural_mechanics.symmetry.kinds import get_kind
+from neural_mechanics.symmetry.loss import LossLike
 from neural_mechanics.symmetry.rules import (
     LEAKS,
     Analysis,
@@ -244,14 +245,15 @@ def find_symmetries(
     model: nn.Module,
     example_inputs: Any,
     *,
-    loss: LossSpec = "cross_entropy",
+    loss: LossLike = "cross_entropy",
     kinds: Iterable[str] | None = None,
 ) -> SymmetrySet:
     """Find the translation, scale and rescale symmetries of `loss(model(*example_inputs))`.
 
     example_inputs: a tensor or a tuple of tensors (one batch, batch size >= 2 for train-mode BatchNorm).
     loss: "cross_entropy" / "softmax" (outputs are logits fed to a softmax over dim 1), "mse" / None
-    (no softmax, no translation symmetry) or a callable loss(outputs) -> scalar captured with the model.
+    (no softmax, no translation symmetry), a callable loss(outputs) -> scalar captured with the model, or a
+    LossSpec (the same loss argument as certify and check_constraints; symmetry/loss.py).
     kinds: restrict to these kinds (default all). The model is not modified (parameters, buffers,
     train/eval mode and the global RNG state are left as they were); detection follows its current
     mode: train-mode BatchNorm gives scale symmetries, eval-mode BatchNorm does not.
@@ -261,7 +263,7 @@ def find_symmetries(
         return _find(model, example_inputs, loss, wanted)
 
 
-def _find(model: nn.Module, example_inputs: Any, loss: LossSpec, wanted: set[str] | None) -> SymmetrySet:
+def _find(model: nn.Module, example_inputs: Any, loss: LossLike, wanted: set[str] | None) -> SymmetrySet:
     t0 = time.perf_counter()
     cap = capture(model, example_inputs, loss)
     a = run_rules(cap)
@@ -304,7 +306,7 @@ def _find(model: nn.Module, example_inputs: Any, loss: LossSpec, wanted: set[str
     return SymmetrySet(groups, meta)
 
 
-def describe_graph(model: nn.Module, example_inputs: Any, *, loss: LossSpec = "cross_entropy") -> str:
+def describe_graph(model: nn.Module, example_inputs: Any, *, loss: LossLike = "cross_entropy") -> str:
     """One line per captured op: its shape and what the rules made of its channels (for debugging).
 
     slots = live channel slots at the node, classes = distinct classes among them, tainted = how many of

@@ -1,28 +1,27 @@
 """Gradient and Hessian constraint checks (nm.check_constraints), each against a brute-force reference.
 
 The models' groups are derived by hand (docs/theory.md section 1), so these tests do not depend on the
-detector; a last test runs the checks on the detector's output when it exists.
+detector; the last tests run the checks on the detector's output.
 """
 
 import copy
-import importlib.util
 import math
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+import neural_mechanics as nm
 from hand_models import batch, convnet, convnet_groups, mlp, mlp_groups
+from neural_mechanics import constraints, geometry
+from neural_mechanics.constraints import GRAD_FLOOR, check_constraints
+from neural_mechanics.constraints.hessian import Hessian, HessianProbe
 from neural_mechanics.errors import NMechError
-from neural_mechanics.geometry import (
-    GRAD_FLOOR,
-    GroupIncidence,
-    _Hessian,
-    _HessianProbe,
-    check_constraints,
-    working_copy,
-)
+from neural_mechanics.symmetry import incidence, utils
+from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet
+from neural_mechanics.symmetry.incidence import GroupIncidence
+from neural_mechanics.symmetry.utils import working_copy
 
 torch.set_num_threads(1)
 
@@ -203,11 +202,11 @@ def test_probe_residual_is_signed_sum_of_per_group_residuals():
     x, y = batch()
     groups = list(mlp_groups()) + bogus_groups()  # overlapping groups, non-zero residuals
     work, _ = working_copy(model)
-    hes = _Hessian(work, F.cross_entropy, (x.double(),), y, need_hvp=True)
+    hes = Hessian(work, lambda out: F.cross_entropy(out, y), (x.double(),), need_hvp=True)
     theta, g = hes.params, hes.grad
     inc = GroupIncidence(groups, theta)
     z = {k: torch.randn(v.shape, dtype=torch.float64) for k, v in theta.items()}
-    probe = _HessianProbe(hes, inc, z, torch.ones(len(groups), dtype=torch.float64))
+    probe = HessianProbe(hes, inc, z, torch.ones(len(groups), dtype=torch.float64))
     f, flat_theta, _unflat, names = reference_loss_fn(model, x, y)
     per_group = []
     for s in groups:  # brute force: one autograd HVP per group, dense generator and masks
@@ -308,12 +307,8 @@ def test_empty_symmetry_set():
     assert rep.ok() and rep.groups == [] and len(rep.to_frame()) == 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("neural_mechanics.symmetry.detect") is None,
-                    reason="symmetry/detect.py not written yet")
 @pytest.mark.parametrize("case", ["mlp", "conv"])
 def test_constraints_hold_on_detected_groups(case):
-    from neural_mechanics.symmetry.detect import find_symmetries
-
     make, _groups = CASES[case]
     model = make()
     x, y = batch(case)
@@ -327,8 +322,6 @@ def test_attention_model_key_bias_and_hessian():
     """A transformer layer (scaled_dot_product_attention): the HVPs run (the fused attention kernels have no double
     backward, the math kernel has), and the key-bias groups, whose gradient vanishes to rounding, pass the gradient
     constraint instead of showing the +-1 cosine of a one-element group's rounding noise."""
-    from neural_mechanics.symmetry.detect import find_symmetries
-
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0,
                                              norm_first=True)
@@ -345,3 +338,20 @@ def test_attention_model_key_bias_and_hessian():
     assert float(g[8:16].abs().max()) < 1e-12 * float(g.abs().max())  # the key bias's gradient vanishes ...
     assert all(rows[s.name].grad_rel < 1e-6 for s in key_bias)  # ... and the check says so
 
+
+def test_geometry_is_a_deprecated_alias_of_the_moved_names():
+    """`neural_mechanics.geometry` (the module before constraints/ and symmetry/utils.py) still resolves every public
+    name it had, to the very object at its new place, with a DeprecationWarning naming that place."""
+    moved = {"check_constraints": constraints, "ConstraintReport": constraints, "GroupConstraint": constraints,
+             "GRAD_FLOOR": constraints, "working_copy": utils, "as_args": utils, "cast_inputs": utils,
+             "model_device": utils, "fixed_rng": utils, "eval_mode_batchnorms": utils, "parameter_dict": utils,
+             "NEGLIGIBLE_EPS": utils, "NORM_TYPES": utils, "Inputs": utils, "GroupIncidence": incidence}
+    for name, module in moved.items():
+        with pytest.warns(DeprecationWarning, match=f"import {name} from neural_mechanics"):
+            obj = getattr(geometry, name)
+        assert obj is getattr(module, name)
+    with pytest.warns(DeprecationWarning):
+        from neural_mechanics.geometry import check_constraints as old
+    assert old is nm.check_constraints is check_constraints
+    with pytest.raises(AttributeError):
+        geometry._Hessian  # noqa: B018  (private names were never part of the API)

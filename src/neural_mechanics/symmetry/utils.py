@@ -1,0 +1,153 @@
+"""Running a model numerically without touching it: the float64 working copy and the inputs it is fed.
+
+This is the bottom utilities layer that certification (symmetry/certify.py), graph capture
+(symmetry/capture.py) and the gradient/Hessian constraint checks (neural_mechanics.constraints) share;
+its sibling symmetry/incidence.py is the compiled group-incidence kernel of the same layer. It imports
+nothing from the package but `errors`, so every layer above may use it.
+
+* `working_copy(model)`: a deep copy in float64 on which every numeric check runs, with normalisation
+  eps set to a negligible value (the eps breaks scale symmetry by ~eps / var; the copy removes that
+  physics so that what remains is rounding) and train-mode BatchNorm no longer updating its running
+  statistics (outputs unchanged; torch.func transforms stay free of in-place buffer updates).
+* `as_args(inputs)`: the positional arguments of `model(*args)` (a tensor is a 1-tuple);
+  `cast_inputs(args, dtype, device)`: floating tensors to the copy's dtype, integer tensors (token ids)
+  only moved.
+* `fixed_rng(seed, device)`: the same dropout masks in every evaluation, the caller's RNG restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neural_mechanics.errors import InputShapeError
+
+NEGLIGIBLE_EPS = 1e-20
+"""Normalisation eps used on the float64 copy: << any realistic batch variance, so the eps breaking
+of scale symmetry (relative size ~ eps / var) falls far below float64 rounding."""
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*d, SyncBatchNorm, InstanceNorm*d
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+Inputs = Tensor | Sequence[Any]
+
+__all__ = [
+    "NEGLIGIBLE_EPS",
+    "NORM_TYPES",
+    "Inputs",
+    "as_args",
+    "cast_inputs",
+    "eval_mode_batchnorms",
+    "fixed_rng",
+    "model_device",
+    "parameter_dict",
+    "working_copy",
+]
+
+
+def as_args(inputs: Inputs) -> tuple[Any, ...]:
+    """Positional arguments for `model(*args)`: a tensor becomes a 1-tuple, a list/tuple is kept.
+
+    Anything else (a dict, a string) raises `InputShapeError` (an `NMechError`).
+    """
+    if isinstance(inputs, Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs)
+    raise InputShapeError(
+        f"example inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}",
+        "pass one example batch as a tensor (e.g. torch.randn(4, 3, 32, 32)), or a tuple of the positional "
+        "arguments of model.forward",
+    )
+
+
+def cast_inputs(args: Iterable[Any], dtype: torch.dtype, device: torch.device | None) -> tuple[Any, ...]:
+    """Floating tensors -> `dtype` (and `device`); integer tensors only moved; other values unchanged."""
+    out = []
+    for a in args:
+        if isinstance(a, Tensor):
+            a = a.to(device=device) if device is not None else a
+            if a.is_floating_point() or a.is_complex():
+                a = a.to(dtype)
+        out.append(a)
+    return tuple(out)
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter (or buffer); None for a model with neither."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None
+
+
+@contextlib.contextmanager
+def fixed_rng(seed: int, device: torch.device | None) -> Iterator[None]:
+    """Run a block under a forked RNG seeded with `seed` (same dropout masks every time; the
+    caller's global RNG state is restored afterwards)."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def eval_mode_batchnorms(model: nn.Module) -> list[str]:
+    """Names of BatchNorm modules that normalise with running statistics (eval mode)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and not m.training
+        and m.track_running_stats
+        and m.running_mean is not None
+    ]
+
+
+def working_copy(
+    model: nn.Module, dtype: torch.dtype = torch.float64, norm_eps: float | None = NEGLIGIBLE_EPS
+) -> tuple[nn.Module, list[str]]:
+    """A deep copy of `model` in `dtype` on which the checks run; the original is never touched.
+
+    On the copy only: every normalisation layer's eps is set to `norm_eps` (None keeps the model's
+    eps, to measure the breaking it causes, relative size ~ eps / batch variance), and train-mode
+    BatchNorm stops updating running statistics (it normalises with batch statistics either way, so
+    outputs are unchanged; this keeps torch.func transforms free of in-place buffer updates).
+    Returns the copy and notes saying what was changed.
+    """
+    work = copy.deepcopy(model).to(dtype)
+    notes: list[str] = []
+    changed: list[str] = []
+    for name, m in work.named_modules():
+        if norm_eps is not None and isinstance(m, NORM_TYPES) and hasattr(m, "eps"):
+            old = m.eps
+            m.eps = norm_eps  # type: ignore[assignment]
+            changed.append(f"{name or type(m).__name__} (eps {old})")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            m.track_running_stats = False
+    if changed:
+        notes.append(
+            f"normalisation eps set to {norm_eps:g} on the {_dtype_name(dtype)} copy only, for "
+            + ", ".join(changed[:8])
+            + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+            + "; the model's real eps breaks scale symmetry by ~eps/var (physics, visible to the tracker)"
+        )
+    return work, notes
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def parameter_dict(model: nn.Module) -> dict[str, Tensor]:
+    """name -> detached parameter, in `model.named_parameters()` order (a shared parameter once)."""
+    return {n: p.detach() for n, p in model.named_parameters()}
