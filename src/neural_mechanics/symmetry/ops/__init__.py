@@ -46,22 +46,27 @@ from neural_mechanics.symmetry.ops.registry import (
     rules,
     shift_kind,
 )
+from neural_mechanics.symmetry.ops.user import READY_RULES, Registration, register_op, unregister_op
 
 FAMILIES = (linear, norms, index_maps, elementwise, attention, sinks)
 """The modules that register the builtin rules (importing this package fills the table)."""
 
 __all__ = [
     "FAMILIES",
+    "READY_RULES",
     "ChannelRule",
     "Flag",
     "OpRule",
     "OpRuleError",
+    "Registration",
     "Shift",
     "ShiftRule",
     "canonical",
     "op_args",
+    "register_op",
     "rule_for",
     "rule_of",
     "rules",
     "shift_kind",
+    "unregister_op",
 ]

@@ -22,6 +22,7 @@ from torch.fx import Node
 from neural_mechanics.symmetry.analysis import (
     Analysis,
     Labels,
+    flat_list,
     invariant_outputs,
     opname,
     replay_op,
@@ -29,7 +30,7 @@ from neural_mechanics.symmetry.analysis import (
 )
 from neural_mechanics.symmetry.graph import ZERO, compress, fit, slots_in, taint
 from neural_mechanics.symmetry.ops.args import op_args
-from neural_mechanics.symmetry.ops.registry import Flag, Shift, register
+from neural_mechanics.symmetry.ops.registry import Flag, OpRuleError, Shift, register
 
 FastPath = Callable[[Node, Tensor, tuple[int, ...], Tensor], Labels | None]
 """fast(node, compressed input labels, input shape, output value) -> labels, or None to replay instead."""
@@ -202,3 +203,54 @@ def h_getitem(a: Analysis, node: Node) -> Labels:
         return src[i]
     return invariant_outputs(node)
 
+
+def h_checked_replay(a: Analysis, node: Node) -> Labels:
+    """index map declared by a user: replayed on the labels l and on f(l) = l**2 + K, which tells moves from the rest.
+
+    An output entry that moved from an input entry with label l reads l in the first replay and f(l) in the
+    second; a constant (padding) reads the same in both and does not move (INVARIANT). Anything else (an
+    average of entries with different labels, a product) means the op combines values, so the declaration
+    is wrong (OpRuleError). Labels are exact in float64 (l**2 < 2**53).
+    """
+    values = [x for x in flat_list([node.args, node.kwargs]) if isinstance(x, Node)]
+    top = max((int(a.lab(x).max()) for x in values if isinstance(x.meta.get("val"), Tensor)), default=0)
+    k = float(2 ** (2 * max(top, 1).bit_length() + 1))
+
+    def relabel(lab: Tensor) -> Tensor:
+        return torch.where(lab > 0, lab * lab + k, lab)
+
+    def labels(second: bool) -> Callable[[Node, Tensor], Tensor]:
+        def value(x: Node, v: Tensor) -> Tensor:
+            if not v.dtype.is_floating_point:
+                raise OpRuleError(
+                    f"{opname(node)} ({node.name}) was registered as an index map, but it takes a {v.dtype} tensor "
+                    f"({x.name}): the replay on channel labels cannot know the values of such an input",
+                    "give the op a handler of its own (docs/extending.md), or leave it unregistered (a barrier)")
+            lab = a.lab(x, v.ndim).to(torch.float64).expand(v.shape)
+            return (relabel(lab) if second else lab).contiguous()
+
+        return value
+
+    try:
+        outs = [replay_op(node, labels(second)) for second in (False, True)]
+    except OpRuleError:
+        raise
+    except Exception:
+        return a.barrier(node)
+
+    def merge(o0: Any, o1: Any) -> Labels:
+        if isinstance(o0, Tensor) and isinstance(o1, Tensor):
+            o0, o1 = o0.to(torch.float64), o1.to(torch.float64)
+            same = o0 == o1
+            moved = (o0 > 0) & (o0 == o0.round()) & (o1 == relabel(o0))
+            if not bool((same | moved).all()):
+                raise OpRuleError(
+                    f"{opname(node)} ({node.name}) was registered as an index map, but replaying it on channel "
+                    "labels combined values", "register it with a rule that matches what it computes (see "
+                    "docs/extending.md), or leave it unregistered (a barrier)")
+            return compress(torch.where(moved, o0, torch.zeros_like(o0)).to(torch.long))
+        if isinstance(o0, (list, tuple)) and isinstance(o1, (list, tuple)):
+            return [merge(x, y) for x, y in zip(o0, o1, strict=True)]
+        return None
+
+    return merge(*outs)
