@@ -9,6 +9,8 @@
         ...
     nm.open_run("runs/a").frame()                            # long-form pandas DataFrame
     nm.write_report("runs/a")                                # one self-contained HTML file
+    nm.register_op("mylib::my_relu", "pass_through")         # teach detection a custom op (docs/extending.md)
+    print(nm.describe_graph(model, example_inputs))          # each op, its rule, what it blocked
 """
 
 from .constraints import ConstraintReport, check_constraints
@@ -16,8 +18,9 @@ from .errors import NMechError
 from .plots.report import write_report
 from .symmetry import KINDS, Member, Symmetry, SymmetrySet
 from .symmetry.certify import CertificationReport, certify
-from .symmetry.detect import find_symmetries
+from .symmetry.detect import describe_graph, find_symmetries
 from .symmetry.loss import LossSpec
+from .symmetry.ops import register_op, unregister_op
 from .tracking.store import Run, open_run
 from .tracking.tracker import Tracker
 
@@ -37,7 +40,10 @@ __all__ = [
     "__version__",
     "certify",
     "check_constraints",
+    "describe_graph",
     "find_symmetries",
     "open_run",
+    "register_op",
+    "unregister_op",
     "write_report",
 ]

@@ -2,15 +2,15 @@
 
 A rule labels every activation entry with a channel slot (graph.py), unites slots that must scale together,
 taints slots that cannot move, and records which parameter slices write or read each slot. This module holds
-that state and the small helpers every rule uses (op names, shapes, arguments); the rules themselves are in
-rules.py (most ops) and attention.py (contractions of two moving factors).
+that state and the small helpers every rule uses (op names, shapes); the rules themselves are the op-rule
+table (ops/, one module per op family) and rules.py runs them over a graph.
 """
 
 from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,7 +28,7 @@ from neural_mechanics.symmetry.graph import (
 )
 
 if TYPE_CHECKING:
-    from neural_mechanics.symmetry.attention import ContractionSite, QKPair
+    from neural_mechanics.symmetry.ops.attention import ContractionSite, QKPair
 
 Role = Literal["in", "out"]
 Labels = Any  # Tensor | list[Tensor] | None
@@ -60,6 +60,9 @@ class Analysis:
     """slot -> events of normalisers that absorb its scale."""
     couplings: list[tuple[int, str]] = field(default_factory=list)
     blocked: Counter = field(default_factory=Counter)
+    """Why moving channels were stopped: "op (reason)" -> how many times (`meta["blocked_ops"]`)."""
+    blocked_at: dict[Node, list[str]] = field(default_factory=dict)
+    """node -> the `blocked` keys counted there (what `describe_graph` shows next to the op)."""
     eval_batchnorm: list[str] = field(default_factory=list)
     unusable: dict[str, str] = field(default_factory=dict)
     """parameter name -> why it cannot be in a group (frozen, shared)."""
@@ -138,28 +141,26 @@ class Analysis:
                     taint(self.uf, lab)
         return found
 
+    def note_blocked(self, node: Node, key: str) -> None:
+        """Count one stop of moving channels at `node` under `key` ("aten.gelu", "aten.linear (frozen ...)")."""
+        self.blocked[key] += 1
+        self.blocked_at.setdefault(node, []).append(key)
+
     def barrier(self, node: Node) -> Labels:
         """Taint every slot reaching `node`; its output does not move."""
         if self.taint_args(flat_args(node)):
-            self.blocked[opname(node)] += 1
+            self.note_blocked(node, opname(node))
         return invariant_outputs(node)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
 def opname(node: Node) -> str:
+    """How an op is named in reports: "aten.relu_" (its overload packet), "getitem", or the callable's name."""
     t = node.target
     if t is operator.getitem:
         return "getitem"
     packet = getattr(t, "overloadpacket", None)
     return str(packet) if packet is not None else getattr(t, "__name__", str(t))
-
-
-def base_op(node: Node) -> str:
-    """`aten.relu_` -> `relu`: the op name without namespace and in-place suffix."""
-    name = opname(node).rpartition(".")[2]
-    if name.endswith("_") and not name.endswith("__"):
-        name = name[:-1]
-    return name
 
 
 def shape_of(node: Any) -> tuple[int, ...]:
@@ -181,6 +182,12 @@ def invariant_outputs(node: Node) -> Labels:
 
 
 def flat_args(node: Node) -> list[Any]:
+    """The node's positional then keyword arguments, nested lists and dicts flattened."""
+    return flat_list([node.args, node.kwargs])
+
+
+def flat_list(values: Any) -> list[Any]:
+    """Every leaf of nested lists, tuples and dicts (dict values), in order."""
     out: list[Any] = []
 
     def visit(a: Any) -> None:
@@ -193,15 +200,35 @@ def flat_args(node: Node) -> list[Any]:
         else:
             out.append(a)
 
-    visit(node.args)
-    visit(node.kwargs)
+    visit(values)
     return out
 
 
-def arg(node: Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+def replay_op(node: Node, value_of: Callable[[Node, Tensor], Any], args: Sequence[Any] | None = None,
+              kwargs: Mapping[str, Any] | None = None) -> Any:
+    """Run `node`'s op on substitutes for the values it reads (how every engine replays an op on labels).
+
+    A graph value x the op reads becomes value_of(x, v), v its recorded (fake) tensor, or v itself when it
+    is not a tensor (a size, a list); other arguments are passed as recorded. `args` / `kwargs` replace the
+    node's own (a padding value changed before the replay).
+    """
+
+    def sub(x: Any) -> Any:
+        if isinstance(x, Node):
+            v = x.meta.get("val")
+            return value_of(x, v) if isinstance(v, Tensor) else v
+        if isinstance(x, (list, tuple)):
+            return type(x)(sub(y) for y in x)
+        return x
+
+    args = node.args if args is None else args
+    kwargs = node.kwargs if kwargs is None else kwargs
+    return node.target(*[sub(x) for x in args], **{k: sub(v) for k, v in kwargs.items()})  # type: ignore[operator]
+
+
+def zeros_like_val(_x: Node, v: Tensor) -> Tensor:
+    """A `replay_op` substitute for an input that carries nothing: float64 zeros of its shape."""
+    return torch.zeros(v.shape, dtype=torch.float64)
 
 
 def module_of(param: str) -> str:

@@ -1,18 +1,18 @@
 """`find_symmetries`: capture the model + loss, run the op rules, turn channel classes into groups.
 
-After the rules (rules.py) have labelled the graph, every class K of channel slots not joined to
+After the op rules (ops/, run by rules.py) have labelled the graph, every class K of channel slots not joined to
 INVARIANT can be scaled by alpha > 0 without changing the loss, compensating every reader by 1/alpha:
 
 - K has readers (next layer's input slices)   -> "rescale": A1 = writers of K, A2 = readers of K;
 - K has no readers but a train-mode normaliser absorbs it -> "scale": A = writers of K;
 - K has neither (its value is never used)     -> skipped (counted in meta["unused_classes"]).
 
-Query/key pairs (attention.QKPair: a query channel class and a key channel class met only at one coordinate
-of an attention contraction) are rescale groups of their own: A1 = the query writers, A2 = the key
-writers (`_qk_groups`).
+Query/key pairs (ops/attention.py's QKPair: a query channel class and a key channel class met only at one
+coordinate of an attention contraction) are rescale groups of their own: A1 = the query writers, A2 = the
+key writers (`_qk_groups`).
 
-Translation groups come from translation.py. Nothing here looks at parameter names except to report
-them: all structure comes from the captured graph.
+Translation groups come from translation.py (softmax) and key_bias.py (attention keys). Nothing here looks
+at parameter names except to report them: all structure comes from the captured graph.
 """
 
 from __future__ import annotations
@@ -26,23 +26,17 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from neural_mechanics.symmetry.attention import QKPair
+from neural_mechanics.symmetry.analysis import Analysis, Contribution, Role, module_of, opname
 from neural_mechanics.symmetry.capture import capture
 from neural_mechanics.symmetry.graph import INVARIANT
 from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet, _short_index
+from neural_mechanics.symmetry.key_bias import find_key_bias_sites
 from neural_mechanics.symmetry.kinds import get_kind
 from neural_mechanics.symmetry.loss import LossLike
-from neural_mechanics.symmetry.rules import (
-    LEAKS,
-    Analysis,
-    Contribution,
-    Role,
-    base_op,
-    module_of,
-    opname,
-    run_rules,
-)
-from neural_mechanics.symmetry.translation import find_key_bias_sites, find_translation_sites
+from neural_mechanics.symmetry.ops import rule_of
+from neural_mechanics.symmetry.ops.attention import QKPair
+from neural_mechanics.symmetry.rules import leaks, run_rules
+from neural_mechanics.symmetry.translation import find_translation_sites
 
 MAX_CHAIN = 40
 
@@ -293,10 +287,10 @@ def _find(model: nn.Module, example_inputs: Any, loss: LossLike, wanted: set[str
         if len(layers) > 120:
             layers = layers[:117] + "..."
         meta["warnings"].append(EVAL_BN_WARNING.format(layers=layers))
-    leaks = [n for n in cap.graph.nodes if n.op == "call_function" and base_op(n) in LEAKS]
-    if leaks:
+    leaked = [n for n in cap.graph.nodes if leaks(n)]
+    if leaked:
         meta["warnings"].append(
-            f"the forward reads {len(leaks)} activation value(s) into Python (.item(), `if tensor:`, .numpy()): "
+            f"the forward reads {len(leaked)} activation value(s) into Python (.item(), `if tensor:`, .numpy()): "
             "control flow was recorded for the branch these example inputs take, and every channel whose "
             "value reaches Python is treated as blocked")
     if meta["shared"]:
@@ -307,15 +301,18 @@ def _find(model: nn.Module, example_inputs: Any, loss: LossLike, wanted: set[str
 
 
 def describe_graph(model: nn.Module, example_inputs: Any, *, loss: LossLike = "cross_entropy") -> str:
-    """One line per captured op: its shape and what the rules made of its channels (for debugging).
+    """One line per captured op: its shape, its rule and what the rules made of its channels (for debugging).
 
-    slots = live channel slots at the node, classes = distinct classes among them, tainted = how many of
-    those classes cannot be scaled (joined to INVARIANT).
+    rule = the family of the op's rule in the op-rule table (docs/ops.md; "user" for `register_op` rules,
+    "none: barrier" for an op the engine does not know); slots = live channel slots at the node, classes =
+    distinct classes among them, tainted = how many of those classes cannot be scaled (joined to
+    INVARIANT). A node where moving channels were stopped ends with "<- blocked: ..." and the reason, as
+    counted in `SymmetrySet.meta["blocked_ops"]`: the barrier that cost those channels their groups.
     """
     with _gc_paused():
         cap = capture(model, example_inputs, loss)
         a = run_rules(cap)
-    rows = [f"{'node':<24} {'op':<40} {'shape':<22} slots classes tainted"]
+    rows = [f"{'node':<24} {'op':<40} {'rule':<14} {'shape':<22} slots classes tainted"]
     for node in cap.graph.nodes:
         if node.op not in ("call_function", "placeholder"):
             continue
@@ -323,15 +320,21 @@ def describe_graph(model: nn.Module, example_inputs: Any, *, loss: LossLike = "c
         shape = node.meta.get("val")
         shape_text = str(tuple(shape.shape)) if hasattr(shape, "shape") else "-"
         op = "placeholder" if node.op == "placeholder" else opname(node)
+        rule = rule_of(node)
+        family = "-" if node.op == "placeholder" else rule.family if rule is not None else "none: barrier"
         if node in cap.params:
             op = f"param {cap.params[node]}"
         if node in a.dead:
             op += " (unused)"
+        head = f"{node.name:<24} {op:<40} {family:<14} {shape_text:<22}"
         if isinstance(lab, Tensor):
             slots = [int(s) for s in lab.unique().tolist() if s > 0]
             roots = {a.uf.find(s) for s in slots}
             tainted = sum(1 for r in roots if r == INVARIANT)
-            rows.append(f"{node.name:<24} {op:<40} {shape_text:<22} {len(slots):>5} {len(roots):>7} {tainted:>7}")
+            row = f"{head} {len(slots):>5} {len(roots):>7} {tainted:>7}"
         else:
-            rows.append(f"{node.name:<24} {op:<40} {shape_text:<22}     -       -       -")
+            row = f"{head}     -       -       -"
+        if node in a.blocked_at:
+            row += "  <- blocked: " + ", ".join(dict.fromkeys(a.blocked_at[node]))
+        rows.append(row)
     return "\n".join(rows)

@@ -9,27 +9,30 @@ shift constant along the class axis" constant along it: index maps that carry th
 flatten, permute...), linear reductions over other axes (mean, average pooling), additions with
 other branches and scalar factors. ReLU, max-pooling, dropout masks, per-channel affine maps or any
 other use of the writer's output break it, and every use must lead to the softmax.
+
+What each op does to such a shift is the `Shift` kind of its record in the op-rule table (ops/registry.py),
+the same table the channel rules come from; `STEPS` says how each kind is followed. Attention key biases
+(key_bias.py) are the same idea one level down: a shift of the keys, harmless to the softmax over keys.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor
 from torch.fx import Node
 
+from neural_mechanics.symmetry.analysis import Analysis, module_of, ndim_of, replay_op, shape_of, zeros_like_val
 from neural_mechanics.symmetry.graph import compress
-from neural_mechanics.symmetry.rules import Analysis, arg, base_op, module_of, ndim_of, shape_of
+from neural_mechanics.symmetry.ops import Flag, Shift, canonical, op_args, rule_of, shift_kind
+from neural_mechanics.symmetry.ops.elementwise import spatial_dims
+from neural_mechanics.symmetry.ops.sinks import softmax_dim
 
-SOFTMAX_OPS = {"softmax", "_softmax", "log_softmax", "_log_softmax", "cross_entropy_loss"}
-SAME_DIM_OPS = {"clone", "contiguous", "alias", "detach", "_to_copy", "to", "lift_fresh_copy"}
-REPLAY_OPS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "unsqueeze", "squeeze", "permute",
-              "transpose", "t", "expand", "movedim", "swapaxes", "swapdims", "view_as", "reshape_as"}
-LINEAR_POOLS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "upsample_nearest1d",
-                "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d", "upsample_linear1d",
-                "upsample_trilinear3d"}
+Memo = dict[tuple[Node, int], bool]
 
 
 @dataclass(frozen=True)
@@ -43,44 +46,123 @@ class TranslationSite:
     path: tuple[str, ...]
 
 
-def softmax_dim(node: Node) -> int:
-    x = node.args[0]
-    nd = ndim_of(x)
-    is_ce = base_op(node) == "cross_entropy_loss"
-    d = (1 if nd >= 2 else 0) if is_ce else int(arg(node, 1, "dim", -1))
-    return d % nd if nd else 0
+def _replay_rows(node: Node, user: Node, dim: int) -> Any:
+    """Run `user` with `node` replaced by its row labels (1 + the index of each fibre along `dim`).
 
-
-def _replay_dims(node: Node, user: Node, dim: int) -> list[int]:
-    """Output dims of `user` along which a shift constant along `dim` of `node` stays constant."""
+    Returns a tensor (or a list of them) whose entry is the row label of the entry of `node` it came from,
+    or 0 where it holds a constant or another input's value (which carries no shift). The op is replayed
+    twice, with labels r and r + K: an entry moved from `node` differs by exactly K, a constant (padding)
+    or another input (zeros here) does not change; None if the op cannot run on labels.
+    """
     shape = shape_of(node)
     rows_shape = [s for i, s in enumerate(shape) if i != dim]
     n = 1
     for s in rows_shape:
         n *= s
-    rows = torch.arange(n, dtype=torch.float64).view(rows_shape).unsqueeze(dim).expand(shape).contiguous()
+    rows = torch.arange(1, n + 1, dtype=torch.float64).view(rows_shape).unsqueeze(dim).expand(shape).contiguous()
+    k = float(2 ** (n.bit_length() + 1))
 
-    def sub(x: object) -> object:
-        if x is node:
-            return rows
-        if isinstance(x, Node):
-            v = x.meta.get("val")
-            return torch.zeros(v.shape, dtype=torch.float64) if isinstance(v, torch.Tensor) else v
-        if isinstance(x, (list, tuple)):
-            return type(x)(sub(y) for y in x)
-        return x
+    def run(labels: Tensor) -> Any:
+        return replay_op(user, lambda x, v: labels if x is node else zeros_like_val(x, v))
 
     try:
-        out = user.target(*[sub(x) for x in user.args], **{k: sub(v) for k, v in user.kwargs.items()})  # type: ignore[operator]
+        first, second = run(rows), run(rows + k)
     except Exception:
-        return []
-    if not isinstance(out, torch.Tensor):
-        return []
-    comp = compress(out)
-    return [d for d in range(out.ndim) if out.shape[d] > 1 and comp.shape[d] == 1]
+        return None
+
+    def moved(a: Any, b: Any) -> Any:
+        if isinstance(a, Tensor) and isinstance(b, Tensor):
+            return torch.where(b - a == k, a, torch.zeros_like(a))
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return [moved(x, y) for x, y in zip(a, b, strict=True)]
+        return None
+
+    return moved(first, second)
 
 
-def shift_reaches_softmax(node: Node, dim: int, path: list[str], memo: dict[tuple[Node, int], bool]) -> bool:
+def _carried_dims(labels: Any) -> list[int]:
+    """Dims (of size > 1) along which every fibre of the replayed row labels holds one row: the shift's axes."""
+    if not isinstance(labels, Tensor):
+        return []
+    comp = compress(labels)
+    return [d for d in range(labels.ndim) if labels.shape[d] > 1 and comp.shape[d] == 1]
+
+
+# ---- one step per shift kind: does a shift of `node` constant along `dim` survive its use `u`? ----------
+Step = Callable[[Node, Node, int, list[str], Memo], bool]
+
+
+def _softmax(node: Node, u: Node, dim: int, path: list[str], memo: Memo) -> bool:
+    ok = op_args(u)["input"] is node and softmax_dim(u) == dim
+    if ok:
+        path.append(f"{u.target}: softmax over dim {dim} is invariant to a per-sample shift of the logits")
+    return ok
+
+
+def _carried(node: Node, u: Node, dim: int, path: list[str], memo: Memo) -> bool:
+    return shift_reaches_softmax(u, dim, path, memo)
+
+
+def _sum(node: Node, u: Node, dim: int, path: list[str], memo: Memo) -> bool:
+    return shift_reaches_softmax(u, dim + ndim_of(u) - ndim_of(node), path, memo)
+
+
+def _scalar_factor(node: Node, u: Node, dim: int, path: list[str], memo: Memo) -> bool:
+    """x * c, x / c, c * x with c not a graph value (a divisor that moves is not a factor)."""
+    args = op_args(u)
+    x, other = args["input"], args.get("other")
+    ok = (x is node and not isinstance(other, Node)) or (
+        canonical(u) == "aten::mul" and other is node and not isinstance(x, Node))
+    return ok and shift_reaches_softmax(u, dim, path, memo)
+
+
+def _linear_reduce(node: Node, u: Node, dim: int, path: list[str], memo: Memo) -> bool:
+    nd = ndim_of(node)
+    args = op_args(u)
+    dims = args.get("dim")
+    keep = bool(args.get("keepdim", False))
+    dims = [dims] if isinstance(dims, int) else list(dims or range(nd))
+    dims = [d % nd for d in dims]
+    return dim not in dims and shift_reaches_softmax(u, dim if keep else dim - sum(d < dim for d in dims), path, memo)
+
+
+def _linear_pool(node: Node, u: Node, dim: int, path: list[str], memo: Memo) -> bool:
+    return dim < ndim_of(node) - spatial_dims(u) and shift_reaches_softmax(u, dim, path, memo)
+
+
+def _index_map(node: Node, u: Node, dim: int, path: list[str], memo: Memo) -> bool:
+    """Replay the map on row labels; a multi-output map (split, unbind) is followed through its getitems.
+
+    An output nobody reads (the getitem of an unused chunk) carries the shift nowhere and is skipped.
+    """
+    out = _replay_rows(node, u, dim)
+    used = [g for g in u.users if g.users]
+    if isinstance(out, Tensor):
+        ok = any(shift_reaches_softmax(u, d, path, memo) for d in _carried_dims(out))
+    elif isinstance(out, list) and used and all(
+            g.target is operator.getitem and isinstance(g.args[1], int) for g in u.users):
+        ok = all(any(shift_reaches_softmax(g, d, path, memo) for d in _carried_dims(out[g.args[1]]))  # type: ignore[index]
+                 for g in used)
+    else:
+        ok = False
+    if ok:
+        path.append(f"{u.target} carries the class axis along")
+    return ok
+
+
+STEPS: dict[Shift, Step] = {
+    Shift.SOFTMAX: _softmax,
+    Shift.SAME: _carried,
+    Shift.SUM: _sum,
+    Shift.SCALAR_FACTOR: _scalar_factor,
+    Shift.LINEAR_REDUCE: _linear_reduce,
+    Shift.LINEAR_POOL: _linear_pool,
+    Shift.INDEX_MAP: _index_map,
+}
+"""How the softmax translation follows each shift kind (the attention kinds stop it: they are key-bias sinks)."""
+
+
+def shift_reaches_softmax(node: Node, dim: int, path: list[str], memo: Memo) -> bool:
     """True if a shift of `node` constant along `dim` leaves every downstream use invariant."""
     key = (node, dim)
     if key in memo:
@@ -90,53 +172,28 @@ def shift_reaches_softmax(node: Node, dim: int, path: list[str], memo: dict[tupl
         return False
     ok = True
     for u in node.users:
+        kind = shift_kind(u)
+        step = STEPS.get(kind) if kind is not None else None
+        ok = step is not None and step(node, u, dim, path, memo)
         if not ok:
             break
-        op = base_op(u) if u.op == "call_function" else ""
-        nd = ndim_of(node)
-        if op in SOFTMAX_OPS:
-            ok = u.args[0] is node and softmax_dim(u) == dim
-            if ok:
-                path.append(f"{u.target}: softmax over dim {dim} is invariant to a per-sample shift of the logits")
-        elif op in ("add", "sub"):
-            ok = shift_reaches_softmax(u, dim + ndim_of(u) - nd, path, memo)
-        elif op in ("mul", "div"):
-            other = u.args[1] if u.args[0] is node else u.args[0]
-            ok = not isinstance(other, Node) and (op == "mul" or u.args[0] is node)
-            ok = ok and shift_reaches_softmax(u, dim, path, memo)
-        elif op in SAME_DIM_OPS or (op == "dropout" and not bool(arg(u, 2, "train", True))):
-            ok = shift_reaches_softmax(u, dim, path, memo)
-        elif op in ("mean", "sum"):
-            dims = arg(u, 1, "dim", None)
-            keep = bool(arg(u, 2, "keepdim", False))
-            dims = [dims] if isinstance(dims, int) else list(dims or range(nd))
-            dims = [d % nd for d in dims]
-            ok = dim not in dims and shift_reaches_softmax(
-                u, dim if keep else dim - sum(d < dim for d in dims), path, memo)
-        elif op in LINEAR_POOLS:
-            k = int(next(ch for ch in reversed(op) if ch.isdigit()))
-            ok = dim < nd - k and shift_reaches_softmax(u, dim, path, memo)
-        elif op in REPLAY_OPS:
-            cands = _replay_dims(node, u, dim)
-            ok = any(shift_reaches_softmax(u, d, path, memo) for d in cands)
-            if ok:
-                path.append(f"{u.target} carries the class axis along")
-        else:
-            ok = False
     memo[key] = ok
     return ok
 
 
-SHIFT_OPS = {"add", "sub", "mul", "div", "dropout", "mean", "sum"} | SAME_DIM_OPS | REPLAY_OPS | LINEAR_POOLS
+def _any_kind(node: Node) -> Shift | None:
+    """The node's shift kind whatever its condition (a cheap superset for `_reaching`)."""
+    rule = rule_of(node)
+    return None if rule is None or rule.shift is None else rule.shift.kind
 
 
-def _reaching(graph: torch.fx.Graph, targets: set[str], through: set[str]) -> set[Node]:
-    """Nodes with a path to an op in `targets` along which every op in between is in `through`.
+def reaching(graph: torch.fx.Graph, targets: set[Shift], through: set[Shift]) -> set[Node]:
+    """Nodes with a path to an op of a kind in `targets` along which every op in between has a kind in `through`.
 
     A cheap necessary condition that prunes the label replays: a writer outside this set cannot reach a
     softmax (or an attention score) through the ops that could carry its shift there.
     """
-    stack = [n for n in graph.nodes if n.op == "call_function" and base_op(n) in targets]
+    stack = [n for n in graph.nodes if _any_kind(n) in targets]
     seen: set[Node] = set()
     while stack:
         n = stack.pop()
@@ -144,33 +201,41 @@ def _reaching(graph: torch.fx.Graph, targets: set[str], through: set[str]) -> se
             if x in seen:
                 continue
             seen.add(x)
-            if x.op == "call_function" and (base_op(x) in through or x.target is operator.getitem):
+            if _any_kind(x) in through:
                 stack.append(x)
     return seen
 
 
+SOFTMAX_THROUGH: set[Shift] = {kind for kind in STEPS if kind is not Shift.SOFTMAX}
+
+
+def _class_dim(node: Node, x: Any, w: Any) -> int:
+    """The output channel axis of a Linear (last) or Conv (1, or 0 for an unbatched input)."""
+    wdims = len(shape_of(w))
+    if wdims == 2:
+        return ndim_of(node) - 1
+    return 1 if ndim_of(x) == wdims else 0
+
+
 def find_translation_sites(a: Analysis) -> list[TranslationSite]:
-    """Linear/Conv writers (ungrouped) whose output reaches a softmax only as a per-sample shift."""
+    """Linear/Conv writers (ungrouped, `Flag.SHIFT_SOURCE`) whose output reaches a softmax only as a shift."""
     graph = a.cap.graph
-    if not any(n.op == "call_function" and base_op(n) in SOFTMAX_OPS for n in graph.nodes):
+    if not any(_any_kind(n) is Shift.SOFTMAX for n in graph.nodes):
         return []
-    reach = _reaching(graph, SOFTMAX_OPS, SHIFT_OPS)
+    reach = reaching(graph, {Shift.SOFTMAX}, SOFTMAX_THROUGH)
     sites = []
     for node in graph.nodes:
-        if node.op != "call_function":
+        rule = rule_of(node)
+        if rule is None or Flag.SHIFT_SOURCE not in rule.flags or node not in reach:
             continue
-        op = base_op(node)
-        if op == "linear":
-            x, w, b = node.args[0], node.args[1], arg(node, 2, "bias", None)
-            dim = ndim_of(node) - 1
-        elif op in ("conv1d", "conv2d", "conv3d") and int(arg(node, 6, "groups", 1)) == 1:
-            x, w, b = node.args[0], node.args[1], arg(node, 2, "bias", None)
-            dim = 1 if ndim_of(x) == len(shape_of(w)) else 0
-        else:
+        args = op_args(node)
+        if int(args.get("groups", 1)) != 1:
             continue
+        x, w, b = args["input"], args["weight"], args.get("bias")
         wname, bname = a.param_name(w), a.param_name(b)
-        if wname is None or node not in reach:
+        if wname is None:
             continue
+        dim = _class_dim(node, x, w)
         path: list[str] = []
         if not shift_reaches_softmax(node, dim, path, {}):
             continue
@@ -182,173 +247,4 @@ def find_translation_sites(a: Analysis) -> list[TranslationSite]:
             path=(f"{module_of(wname)}: {node.target} writes the logits (class axis = dim {dim})",
                   *dict.fromkeys(reversed(path))),
         ))
-    return sites
-
-
-# ---- attention key bias ------------------------------------------------------------------------
-ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_attention_math",
-                 "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention"}
-MATMUL_OPS = {"matmul", "bmm"}
-CARRY_OPS = SAME_DIM_OPS | {"dropout"}
-"""Ops the key-bias search may pass (dropout only when inactive: see `_inactive_dropout`)."""
-
-
-@dataclass(frozen=True)
-class KeyBiasSite:
-    """Bias coordinates of a Linear whose only effect is a per-query constant added to attention scores."""
-
-    node: Node
-    bias: str
-    coords: tuple[int, ...]
-    path: tuple[str, ...]
-
-
-def _replay(user: Node, env: dict[Node, torch.Tensor]) -> object:
-    """Run an index map on coordinate labels (tracked inputs) and zeros (every other tensor input)."""
-
-    def sub(x: object) -> object:
-        if isinstance(x, Node):
-            if x in env:
-                return env[x]
-            v = x.meta.get("val")
-            return torch.zeros(v.shape, dtype=torch.float64) if isinstance(v, torch.Tensor) else v
-        if isinstance(x, (list, tuple)):
-            return type(x)(sub(y) for y in x)
-        return x
-
-    return user.target(*[sub(x) for x in user.args], **{k: sub(v) for k, v in user.kwargs.items()})  # type: ignore[operator]
-
-
-def _inactive_dropout(node: Node) -> bool:
-    """dropout(x, p, train) that is the identity (p == 0 or eval): a random mask would break a constant shift."""
-    return float(arg(node, 1, "p", 0.5)) == 0.0 or not bool(arg(node, 2, "train", True))  # type: ignore[arg-type]
-
-
-def _constant_along(lab: torch.Tensor, dim: int) -> bool:
-    """True if every fibre of `lab` along `dim` holds one value (a shift of it is constant along `dim`)."""
-    if lab.ndim == 0 or lab.shape[dim] <= 1:
-        return True
-    return bool((lab == lab.narrow(dim, 0, 1)).all())
-
-
-def key_bias_coordinates(node: Node, n: int, path: list[str]) -> set[int]:
-    """Output features j of a Linear (`node`, n features) whose constant shift reaches attention only as keys.
-
-    Feature j's shift delta_j e_j (the same for every token) is followed through index maps (view, permute,
-    select, split, ...) on label tensors (entry = feature index + 1). It is harmless where it enters
-    - `scaled_dot_product_attention` as the key, constant along the key axis (dim -2): the scores
-      q_i . (k_j + delta) = q_i . k_j + q_i . delta change by a per-query constant, which the softmax over
-      keys ignores (additive masks, causal masks and dropout after the softmax do not change that);
-    - `matmul(q, k^T)` as the right factor, constant along its last (key) axis, when the scores then reach
-      a softmax over that axis only through shift-preserving ops (`shift_reaches_softmax`).
-    A feature that reaches anything else (query, value, a nonlinearity, the output) is excluded.
-    """
-    from neural_mechanics.symmetry.rules import INDEX_MAPS
-
-    shape = shape_of(node)
-    if not shape or shape[-1] != n:
-        return set()
-    env: dict[Node, torch.Tensor] = {
-        node: torch.arange(1, n + 1, dtype=torch.float64).expand(shape).contiguous()}
-    order = {x: i for i, x in enumerate(node.graph.nodes)}
-    good: set[int] = set()
-    bad: set[int] = set()
-    frontier = sorted({u for u in node.users}, key=order.__getitem__)
-    seen: set[Node] = set()
-
-    def labels_of(x: torch.Tensor) -> set[int]:
-        present = torch.zeros(n + 1, dtype=torch.bool).index_fill_(0, x.reshape(-1).long(), True)
-        return {int(v) - 1 for v in present.nonzero().reshape(-1).tolist() if v > 0}
-
-    while frontier:
-        u = frontier.pop(0)
-        if u in seen:
-            continue
-        seen.add(u)
-        tracked = [x for x in u.all_input_nodes if x in env]
-        op = base_op(u) if u.op == "call_function" else ""
-        verdict: bool | None = None  # True good, False bad, None propagated
-        val: object = None
-        if op == "getitem":
-            src = u.args[0]
-            val = env.get(src)  # type: ignore[arg-type]
-            if isinstance(val, (list, tuple)):
-                env[u] = val[u.args[1]]  # type: ignore[index]
-            else:
-                verdict = False
-        elif op in INDEX_MAPS or op in SAME_DIM_OPS or (op == "dropout" and _inactive_dropout(u)):
-            if op == "dropout" or op in SAME_DIM_OPS:
-                val = env[tracked[0]] if u.args[0] in env and len(tracked) == 1 else None
-            else:
-                try:
-                    val = _replay(u, env)
-                except Exception:
-                    val = None
-            if isinstance(val, torch.Tensor):
-                env[u] = val.contiguous()
-            elif isinstance(val, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in val):
-                env[u] = [v.contiguous() for v in val]  # type: ignore[assignment]
-            else:
-                verdict = False
-        elif op in ATTENTION_OPS:
-            key = u.args[1] if len(u.args) > 1 else None
-            q_v = [x for x in tracked if x is u.args[0] or (len(u.args) > 2 and x is u.args[2])]
-            for x in q_v:
-                bad |= labels_of(env[x])
-            if isinstance(key, Node) and key in env:
-                lab = env[key]
-                if _constant_along(lab, -2):
-                    good |= labels_of(lab)
-                    path.append(f"{u.target}: the keys' shift adds q . delta to every score of a query "
-                                "(constant over keys), which the softmax over keys ignores")
-                else:
-                    bad |= labels_of(lab)
-            for x in tracked:
-                if x is not key and x not in q_v:
-                    bad |= labels_of(env[x])
-            continue
-        elif op in MATMUL_OPS and len(u.args) >= 2 and isinstance(u.args[1], Node) and u.args[1] in env \
-                and u.args[0] not in env:
-            lab = env[u.args[1]]
-            sub_path: list[str] = []
-            if _constant_along(lab, -1) and shift_reaches_softmax(u, ndim_of(u) - 1, sub_path, {}):
-                good |= labels_of(lab)
-                path.append(f"{u.target}: scores q . (k + delta) change by q . delta, constant over keys")
-                path.extend(dict.fromkeys(reversed(sub_path)))
-            else:
-                bad |= labels_of(lab)
-            continue
-        else:
-            verdict = False
-        if verdict is False:
-            for x in tracked:
-                v = env[x]
-                for t in (v if isinstance(v, (list, tuple)) else [v]):
-                    bad |= labels_of(t)
-            continue
-        frontier.extend(x for x in u.users if x not in seen)
-        frontier.sort(key=order.__getitem__)
-    return good - bad
-
-
-def find_key_bias_sites(a: Analysis) -> list[KeyBiasSite]:
-    """Linear biases (usable, used once) with coordinates that only ever shift attention keys."""
-    from neural_mechanics.symmetry.rules import INDEX_MAPS
-
-    reach = _reaching(a.cap.graph, ATTENTION_OPS | MATMUL_OPS, INDEX_MAPS | CARRY_OPS)
-    sites = []
-    for node in a.cap.graph.nodes:
-        if node.op != "call_function" or base_op(node) != "linear" or node not in reach:
-            continue
-        b = arg(node, 2, "bias", None)
-        bname = a.param_name(b)
-        if bname is None or not a.usable(bname):
-            continue
-        n = shape_of(b)[0] if shape_of(b) else 0
-        path: list[str] = []
-        coords = key_bias_coordinates(node, n, path)
-        if coords:
-            sites.append(KeyBiasSite(node, bname, tuple(sorted(coords)), (
-                f"{module_of(bname)}: {node.target} adds {bname}[j] to output feature j of every token",
-                *dict.fromkeys(path))))
     return sites

@@ -21,7 +21,7 @@ from neural_mechanics.symmetry.analysis import (
     Analysis,
     Contribution,
     Labels,
-    flat_args,
+    flat_list,
     module_of,
     ndim_of,
     opname,
@@ -35,6 +35,8 @@ from neural_mechanics.symmetry.graph import (
     live,
     slots_in,
 )
+from neural_mechanics.symmetry.ops.args import op_args
+from neural_mechanics.symmetry.ops.registry import Shift, define, register
 
 
 @dataclass
@@ -105,8 +107,17 @@ def _contraction_site(a: Analysis, node: Node, x: Any, y: Any, y_transposed: boo
                            slots_in(qx) + slots_in(ky), f"{opname(node)} ({node.name})", opname(node))
 
 
+def factors(node: Node) -> tuple[Any, Any]:
+    """The left and right factor of matmul(input, other) / bmm(input, mat2)."""
+    args = op_args(node)
+    return args["input"], args["other"] if "other" in args else args["mat2"]
+
+
+@register("matmul", "bmm", shift=Shift.SCORES)
 def h_matmul(a: Analysis, node: Node) -> Labels:
-    """x @ W with one side that does not move: linear in the other side, which passes its channels on.
+    """contraction: x @ W with one side fixed passes the other side's channels on; q @ k^T pairs channels.
+
+    x @ W with one side that does not move: linear in the other side, which passes its channels on.
 
     out[..., i, d] = sum_j A[..., i, j] V[..., j, d]: with A fixed (attention weights: a softmax of
     queries and keys), V's slots are mixed along j (united) and keep their channel d; with the right
@@ -114,7 +125,7 @@ def h_matmul(a: Analysis, node: Node) -> Labels:
     the output does not move under the paired action (query channel c by alpha, key channel c by
     1/alpha), recorded as a `ContractionSite`; a barrier when the channels do not pair up.
     """
-    x, y = node.args[0], node.args[1]
+    x, y = factors(node)
     nd = ndim_of(node)
     if ndim_of(x) < 2 or ndim_of(y) < 2:
         return a.barrier(node)
@@ -136,17 +147,22 @@ def h_matmul(a: Analysis, node: Node) -> Labels:
     return invariant_label(nd)
 
 
+@register("scaled_dot_product_attention", shift=Shift.ATTENTION_KEY)
 def h_sdpa(a: Analysis, node: Node) -> Labels:
-    """scaled_dot_product_attention(q, k, v, mask): softmax(q k^T / sqrt(d) + mask) v.
+    """contraction: softmax(q k^T / sqrt(d) + mask) v pairs query and key channels; value channels pass on.
+
+    scaled_dot_product_attention(q, k, v, mask): softmax(q k^T / sqrt(d) + mask) v.
 
     The weights depend on q and k only through the scores sum_c q_{i,c} k_{j,c}: query channel c by
     alpha with key channel c by 1/alpha leaves them unchanged (a `ContractionSite`, resolved at the end);
     q and k are a barrier otherwise (a softmax of their product is not homogeneous in either). Given the
     weights, the output is linear in v: value channel d (mixed over the keys) becomes output channel d.
     """
-    q, k, v = node.args[0], node.args[1], node.args[2]
-    blocked = a.taint_args(flat_args(node)[3:])  # masks and the like: the scores must not move
-    gqa = bool(node.kwargs.get("enable_gqa", False))
+    args = op_args(node)
+    q, k, v = args["query"], args["key"], args["value"]
+    rest = [x for name, x in args.items() if name not in ("query", "key", "value")]
+    blocked = a.taint_args(flat_list(rest))  # masks and the like: the scores must not move
+    gqa = bool(args.get("enable_gqa", False))
     site = None if gqa else _contraction_site(a, node, q, k, y_transposed=False)
     if site is not None:
         site.blocked_as = None if blocked else f"{opname(node)} (queries, keys)"
@@ -154,7 +170,7 @@ def h_sdpa(a: Analysis, node: Node) -> Labels:
     elif a.taint_args((q, k)):
         blocked = True
     if blocked:
-        a.blocked[f"{opname(node)} (queries, keys)"] += 1
+        a.note_blocked(node, f"{opname(node)} (queries, keys)")
     lv = a.lab(v, ndim_of(v))
     if not live(lv):
         return invariant_label(ndim_of(node))
@@ -229,7 +245,12 @@ def resolve_contractions(a: Analysis) -> None:
                 "(x 1/alpha) leaves every score unchanged; both reach it only through index maps and "
                 "positively homogeneous ops")))
         if not ok_all and site.blocked_as is not None:
-            a.blocked[site.blocked_as] += 1
+            a.note_blocked(site.node, site.blocked_as)
     for site in a.contraction_sites:
         for s in site.slots:
             uf.union(INVARIANT, s)
+
+
+define("_scaled_dot_product_attention_math", "_scaled_dot_product_flash_attention_for_cpu",
+       "_scaled_dot_product_efficient_attention", channel=None, shift=Shift.ATTENTION_KEY, family="attention",
+       summary="barrier (an attention kernel's internals); attention-key sink for the translation engine")
