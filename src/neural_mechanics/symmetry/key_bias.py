@@ -20,6 +20,7 @@ from torch.fx import Node
 from neural_mechanics.symmetry.analysis import Analysis, module_of, ndim_of, replay_op, shape_of, zeros_like_val
 from neural_mechanics.symmetry.ops import Shift, canonical, op_args, shift_kind
 from neural_mechanics.symmetry.ops.attention import factors
+from neural_mechanics.symmetry.ops.linear import shift_source
 from neural_mechanics.symmetry.translation import reaching, shift_reaches_softmax
 
 KEY_SINKS: set[Shift] = {Shift.ATTENTION_KEY, Shift.SCORES}
@@ -149,17 +150,18 @@ def key_bias_coordinates(node: Node, n: int, path: list[str]) -> set[int]:
 
 
 def find_key_bias_sites(a: Analysis) -> list[KeyBiasSite]:
-    """Linear biases (usable, used once) with coordinates that only ever shift attention keys."""
+    """Dense-layer biases (Linear, addmm; usable, used once) with coordinates that only ever shift attention keys."""
     reach = reaching(a.cap.graph, KEY_SINKS, KEY_THROUGH)
     sites = []
     for node in a.cap.graph.nodes:
-        if canonical(node) != "aten::linear" or node not in reach:
+        if canonical(node) not in ("aten::linear", "aten::addmm") or node not in reach:
             continue
-        b = op_args(node).get("bias")
+        parts = shift_source(node)
+        b = None if parts is None else parts.bias
         bname = a.param_name(b)
-        if bname is None or not a.usable(bname):
+        if bname is None or not a.alone(bname):
             continue
-        n = shape_of(b)[0] if shape_of(b) else 0
+        n = shape_of(b)[0] if len(shape_of(b)) == 1 else 0
         path: list[str] = []
         coords = key_bias_coordinates(node, n, path)
         if coords:

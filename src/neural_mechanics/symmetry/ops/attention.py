@@ -25,6 +25,7 @@ from neural_mechanics.symmetry.analysis import (
     module_of,
     ndim_of,
     opname,
+    oriented_classes,
     shape_of,
 )
 from neural_mechanics.symmetry.graph import (
@@ -59,15 +60,19 @@ class ContractionSite:
 
 @dataclass
 class QKPair:
-    """A query channel class and a key channel class met only at one contraction coordinate.
+    """Query channel classes and key channel classes that meet only each other, at attention contractions.
 
-    Scaling the query writers by alpha and the key writers by 1/alpha (alpha > 0) scales q_{.,c} by alpha
-    and k_{.,c} by 1/alpha, which leaves every score sum_c q_{i,c} k_{j,c} (and so the loss) unchanged.
+    Scaling every query class by alpha and every key class by 1/alpha (alpha > 0) scales each term
+    q_{i,c} k_{j,c} of a score it enters by alpha / alpha = 1, which leaves every score (and so the loss)
+    unchanged. One query class and one key class at one coordinate is the plain per-coordinate pair; a
+    rotary embedding joins coordinates c and c + d/2 of one head into one class (`coords` has both); a key
+    head shared by several query heads (grouped-query attention) pairs one key class with the query
+    classes of all those heads.
     """
 
     query: list[Contribution]
     key: list[Contribution]
-    coord: int
+    coords: tuple[int, ...]
     text: str
 
 
@@ -185,66 +190,88 @@ Use = tuple[int, int, int, int]
 """(site number, contraction coordinate c, query class root, key class root)."""
 
 
-def _contraction_ok(use: Use, contribs: dict[int, list[Contribution]], uses: dict[int, set[Use]],
-                    tied: set[int]) -> bool:
-    """Whether the query class and the key class of `use` form a QKPair.
+def _class_ok(r: int, contribs: dict[int, list[Contribution]], normalised: set[int]) -> bool:
+    """A query or key class that can move alone: written only by slices of one layer's parameters, neither read
+    nor normalised anywhere. (Additions and concatenations on the way are fine: what they mix is in the class,
+    or taints it; a rotary embedding's `q cos + rotate_half(q) sin` joins coordinates c and c + d/2.)"""
+    cs = contribs.get(r, [])
+    return (bool(cs) and r not in normalised and all(x.role == "in" for x in cs)
+            and len({module_of(x.param) for x in cs}) == 1)
 
-    Each class must be live, distinct from the other, met at exactly this contraction coordinate and on
-    this side only (no other site, no other coordinate: rotary embeddings or a q used twice fail here),
-    written only by slices of one layer's parameters, and neither read, normalised nor tied by an addition
-    or concatenation to anything (`tied`). Cosine attention never gets here: its normalised q and k do not
-    move at the contraction.
-    """
-    _, _, rq, rk = use
-    if rq == rk or INVARIANT in (rq, rk) or uses[rq] != {use} or uses[rk] != {use}:
-        return False
-    for r in (rq, rk):
-        cs = contribs.get(r)
-        if not cs or r in tied or any(x.role != "in" for x in cs) or len({module_of(x.param) for x in cs}) != 1:
-            return False
-    return True
+
+def _components(uses: set[Use]) -> list[set[Use]]:
+    """The uses grouped into connected components of the bipartite graph query class -- key class."""
+    parent: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def find(x: tuple[str, int]) -> tuple[str, int]:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for _, _, rq, rk in uses:
+        parent[find(("q", rq))] = find(("k", rk))
+    comps: dict[tuple[str, int], set[Use]] = {}
+    for use in uses:
+        comps.setdefault(find(("q", use[2])), set()).add(use)
+    return list(comps.values())
 
 
 def resolve_contractions(a: Analysis) -> None:
     """Turn the recorded contraction sites into `QKPair`s, then taint every query and key slot.
 
-    Runs once every op has been labelled, when the classes are final: `uses` maps every class root to
-    the uses it has (as a query or as a key), so a class used twice, or as a query at one site and as a
-    key at another, is seen. Sites with a pair that does not qualify count as blocked.
+    Runs once every op has been labelled, when the classes are final. Every (coordinate, query class, key
+    class) met at a contraction is an edge of a bipartite graph between query classes and key classes; each
+    connected component is one candidate pair: scaling all its query classes by alpha and all its key
+    classes by 1/alpha changes no term of any score, because every term with a query class of the component
+    has its key class in the component and vice versa. It is a `QKPair` when no class of it is used on both
+    sides (a Gram matrix x x^T), every class moves alone (`_class_ok`), and no slot of it is joined to its
+    class inversely (a tied parameter). Sites with a component that does not qualify count as blocked.
+    What the class meets elsewhere is in the union-find already: a reader or a normaliser shows in its
+    contributions, an addition or a reduction unites what it mixes, anything else taints it.
     """
     if not a.contraction_sites:
         return
     uf = a.uf
-    uses: dict[int, set[Use]] = {}
-    site_uses: list[set[Use]] = []
+    everything: set[Use] = set()
+    mixed: set[int] = set()
     for i, site in enumerate(a.contraction_sites):
-        found: set[Use] = set()
         for c, sq, sk in site.pairs:
-            use = (i, c, uf.find(sq), uf.find(sk))
-            found.add(use)
-            uses.setdefault(use[2], set()).add(use)
-            uses.setdefault(use[3], set()).add(use)
-        site_uses.append(found)
-    roots = set(uses) - {INVARIANT}
-    contribs: dict[int, list[Contribution]] = {}
-    for x in a.contributions:
-        r = uf.find(x.slot)
-        if r in roots:
-            contribs.setdefault(r, []).append(x)
-    tied = {r for r in (uf.find(s) for s in a.normalised) if r in roots}
-    tied |= {r for r in (uf.find(s) for s, _ in a.couplings) if r in roots}
-    for site, found in zip(a.contraction_sites, site_uses, strict=True):
-        ok_all = True
-        for use in sorted(found, key=lambda u: (u[2], u[3], u[1])):
-            _, c, rq, rk = use
-            if not _contraction_ok(use, contribs, uses, tied):
-                ok_all = False
-                continue
-            a.qk_pairs.append(QKPair(contribs[rq], contribs[rk], c, (
-                f"{site.what}: score = sum_c q_c k_c: query channel c = {c} (x alpha) x key channel c = {c} "
-                "(x 1/alpha) leaves every score unchanged; both reach it only through index maps and "
-                "positively homogeneous ops")))
-        if not ok_all and site.blocked_as is not None:
+            (rq, pq), (rk, pk) = uf.find_parity(sq), uf.find_parity(sk)
+            everything.add((i, c, rq, rk))
+            mixed |= {r for r, p in ((rq, pq), (rk, pk)) if p}
+    queries = {u[2] for u in everything}
+    keys = {u[3] for u in everything}
+    roots = (queries | keys) - {INVARIANT}
+    contribs = oriented_classes(a, roots)
+    mixed |= {r for r in roots if any(uf.find_parity(x.slot)[1] for x in contribs.get(r, ()))}
+    normalised = {r for r in (uf.find(s) for s in a.normalised) if r in roots}
+    failed_sites: set[int] = set()
+    for comp in sorted(_components(everything), key=lambda uses: min(uses)):
+        qs = sorted({u[2] for u in comp})
+        ks = sorted({u[3] for u in comp})
+        ok = (INVARIANT not in qs and INVARIANT not in ks and not (set(qs) & keys) and not (set(ks) & queries)
+              and not (set(qs) | set(ks)) & mixed and all(_class_ok(r, contribs, normalised) for r in (*qs, *ks)))
+        if not ok:
+            failed_sites |= {u[0] for u in comp}
+            continue
+        coords = tuple(sorted({u[1] for u in comp}))
+        sites = sorted({a.contraction_sites[u[0]].what for u in comp})
+        how = []
+        if len(coords) > 1:
+            how.append(f"coordinates {list(coords)} move together (joined before the contraction, e.g. by a "
+                       "rotary embedding)")
+        if len(qs) > len(ks):
+            how.append(f"{len(ks)} key class(es) shared by {len(qs)} query classes (e.g. grouped-query attention)")
+        a.qk_pairs.append(QKPair(
+            [x for r in qs for x in contribs[r]], [x for r in ks for x in contribs[r]], coords,
+            f"{', '.join(sites)}: score = sum_c q_c k_c: query channels c in {list(coords)} (x alpha) with key "
+            "channels c (x 1/alpha) leave every score unchanged; both reach it only through index maps and "
+            "positively homogeneous ops" + ("; " + "; ".join(how) if how else "")))
+    for i in sorted(failed_sites):
+        site = a.contraction_sites[i]
+        if site.blocked_as is not None:
             a.note_blocked(site.node, site.blocked_as)
     for site in a.contraction_sites:
         for s in site.slots:
