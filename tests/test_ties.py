@@ -98,9 +98,8 @@ def test_wrong_orientation_of_the_tie_is_rejected(tokens):
     torch.manual_seed(1)
     m = TiedLM()
     (joint,) = [g for g in find_symmetries(m, tokens, loss=TOKENS) if "emb.weight" in g.params]
-    wrong = Symmetry("rescale", "wrong", tuple(Member(mm.param, mm.dim, mm.index, "in") for mm in joint.members
-                                               if mm.param != "emb.weight")
-                     + (Member("emb.weight", None, None, "out"),), "x")
+    stream = [Member(mm.param, mm.dim, mm.index, "in") for mm in joint.members if mm.param != "emb.weight"]
+    wrong = Symmetry("rescale", "wrong", (*stream, Member("emb.weight", None, None, "out")), "x")
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)

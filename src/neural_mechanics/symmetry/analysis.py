@@ -30,6 +30,7 @@ from neural_mechanics.symmetry.graph import (
 
 if TYPE_CHECKING:
     from neural_mechanics.symmetry.ops.attention import ContractionSite, QKPair
+    from neural_mechanics.symmetry.ops.rms_norm import RmsNorm
     from neural_mechanics.symmetry.ties import TieOutcome
 
 Role = Literal["in", "out"]
@@ -83,6 +84,8 @@ class Analysis:
     """`_weight_norm` node -> (v name, g name, dim)."""
     scale_chains: dict[Node, Any] = field(default_factory=dict)
     """End of a parameter's reshape chain -> (parameter node, chain) for `gamma.view(...) * x`."""
+    rms_norms: dict[Node, RmsNorm] = field(default_factory=dict)
+    """Hand-written RMS normalisations, keyed by their normalising product (ops/rms_norm.py)."""
     contraction_sites: list[ContractionSite] = field(default_factory=list)
     """Query/key contractions whose factors are tainted only at the end (`resolve_contractions`)."""
     qk_pairs: list[QKPair] = field(default_factory=list)

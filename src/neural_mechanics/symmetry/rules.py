@@ -20,6 +20,7 @@ from neural_mechanics.symmetry.graph import taint
 from neural_mechanics.symmetry.ops import Flag, OpRuleError, rule_of
 from neural_mechanics.symmetry.ops.attention import resolve_contractions
 from neural_mechanics.symmetry.ops.layer_scale import find_scale_chains
+from neural_mechanics.symmetry.ops.rms_norm import find_rms_norms
 from neural_mechanics.symmetry.ties import resolve_ties
 
 
@@ -82,8 +83,13 @@ def run_rules(cap: CapturedGraph) -> Analysis:
                     a.tie_twice.add(u)
     a.scale_chains = find_scale_chains(cap.graph, cap.params, live_nodes)
     in_chain = {c for _, chain in a.scale_chains.values() for c in chain}
+    a.rms_norms = find_rms_norms(cap.graph, live_nodes)
+    statistics = {s for norm in a.rms_norms.values() for s in norm.statistic}
     for node in cap.graph.nodes:
         if node in in_chain:  # a reshaped layer-scale parameter: handled by the product (layer_scale.py)
+            a.env[node] = invariant_outputs(node)
+            continue
+        if node in statistics:  # an RMS norm's statistic: it feeds only the normalising product (rms_norm.py)
             a.env[node] = invariant_outputs(node)
             continue
         if node.op == "call_function" and node not in live_nodes and not opname(node).endswith("_"):
