@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.fx import Node
 
 from neural_mechanics.symmetry.analysis import (
@@ -76,17 +77,20 @@ class QKPair:
     text: str
 
 
-def _contraction_site(a: Analysis, node: Node, x: Any, y: Any, y_transposed: bool) -> ContractionSite | None:
+def _contraction_site(a: Analysis, node: Node, x: Any, y: Any, y_transposed: bool,
+                      y_labels: Tensor | None = None) -> ContractionSite | None:
     """The site of sum_c x[..., i, c] y[..., j, c] (y[..., c, j] when `y_transposed`), or None if unpaired.
 
-    Paired means: both factors are live and, at every batch/head position, query channel c carries one live
-    slot over all query tokens i and key channel c one live slot over all key tokens j; then scaling that
-    query slot by alpha and that key slot by 1/alpha leaves every term q_{i,c} k_{j,c} unchanged.
+    Paired means: both factors are live and every entry of both moves (a channel that does not move on one
+    side cannot compensate the other). The site records every distinct (c, slot of q[..., i, c], slot of
+    k[..., j, c]) over all batch/head positions and all tokens i, j: the terms q_{i,c} k_{j,c} of the scores.
+    Usually a channel carries one slot over all tokens; it need not (transformers folds the query heads into
+    the token axis for one-token grouped-query attention).
     """
     sx, sy = shape_of(x), shape_of(y)
     if len(sx) < 2 or len(sy) < 2:
         return None
-    lx, ly = a.lab(x, len(sx)), a.lab(y, len(sy))
+    lx, ly = a.lab(x, len(sx)), a.lab(y, len(sy)) if y_labels is None else y_labels
     if not (live(lx) and live(ly)):
         return None
     if y_transposed:
@@ -100,16 +104,13 @@ def _contraction_site(a: Analysis, node: Node, x: Any, y: Any, y_transposed: boo
         return None
     lx = lx.expand(*batch, lx.shape[-2], n)
     ly = ly.expand(*batch, ly.shape[-2], n)
-    qx, ky = lx.narrow(-2, 0, 1), ly.narrow(-2, 0, 1)
-    if not (bool((lx == qx).all()) and bool((ly == ky).all())):
-        return None  # a channel carries different slots over the tokens (a coarser joint action: not tried)
-    qx, ky = qx.squeeze(-2), ky.squeeze(-2)
-    if not (bool((qx > 0).all()) and bool((ky > 0).all())):
+    if not (bool((lx > 0).all()) and bool((ly > 0).all())):
         return None  # a channel that does not move on one side cannot compensate the other
-    coord = torch.arange(n).expand(qx.shape)
-    pairs = torch.unique(torch.stack([coord.reshape(-1), qx.reshape(-1), ky.reshape(-1)], 1), dim=0)
-    return ContractionSite(node, [(int(c), int(q), int(k)) for c, q, k in pairs.tolist()],
-                           slots_in(qx) + slots_in(ky), f"{opname(node)} ({node.name})", opname(node))
+    q, k = torch.broadcast_tensors(lx.unsqueeze(-2), ly.unsqueeze(-3))  # (..., I, J, n): the terms q_ic k_jc
+    coord = torch.arange(n).expand(q.shape)
+    pairs = torch.unique(torch.stack([coord.reshape(-1), q.reshape(-1), k.reshape(-1)], 1), dim=0)
+    return ContractionSite(node, [(int(c), int(qs), int(ks)) for c, qs, ks in pairs.tolist()],
+                           slots_in(lx) + slots_in(ly), f"{opname(node)} ({node.name})", opname(node))
 
 
 def factors(node: Node) -> tuple[Any, Any]:
@@ -167,8 +168,8 @@ def h_sdpa(a: Analysis, node: Node) -> Labels:
     q, k, v = args["query"], args["key"], args["value"]
     rest = [x for name, x in args.items() if name not in ("query", "key", "value")]
     blocked = a.taint_args(flat_list(rest))  # masks and the like: the scores must not move
-    gqa = bool(args.get("enable_gqa", False))
-    site = None if gqa else _contraction_site(a, node, q, k, y_transposed=False)
+    lk, lv = _gqa_heads(a, node, q, k), _gqa_heads(a, node, q, v)
+    site = None if lk is None else _contraction_site(a, node, q, k, y_transposed=False, y_labels=lk)
     if site is not None:
         site.blocked_as = None if blocked else f"{opname(node)} (queries, keys)"
         a.contraction_sites.append(site)
@@ -176,7 +177,9 @@ def h_sdpa(a: Analysis, node: Node) -> Labels:
         blocked = True
     if blocked:
         a.note_blocked(node, f"{opname(node)} (queries, keys)")
-    lv = a.lab(v, ndim_of(v))
+    if lv is None:  # heads that do not divide: the values cannot be followed
+        a.taint_args((v,))
+        return invariant_label(ndim_of(node))
     if not live(lv):
         return invariant_label(ndim_of(node))
     out = fit(collapse(a.uf, lv, [lv.ndim - 2]), ndim_of(node))
@@ -184,6 +187,24 @@ def h_sdpa(a: Analysis, node: Node) -> Labels:
     for slot in slots_in(out):
         a.couplings.append((slot, text))
     return out
+
+
+def _gqa_heads(a: Analysis, node: Node, q: Any, kv: Any) -> Tensor | None:
+    """The labels of a key or value input as the query heads see them (None if they cannot be matched).
+
+    With `enable_gqa=True`, key/value head j serves query heads j * r .. (j + 1) * r - 1 (r = query heads / key
+    heads, torch's repeat_interleave): the labels are repeated the same way along the head dim (-3).
+    """
+    lab = a.lab(kv, ndim_of(kv))
+    if not bool(op_args(node).get("enable_gqa", False)):
+        return lab
+    sq, sk = shape_of(q), shape_of(kv)
+    if len(sq) < 3 or len(sk) < 3 or sq[-3] % sk[-3]:
+        return None
+    rep = sq[-3] // sk[-3]
+    if rep == 1 or lab.shape[-3] == 1:
+        return lab
+    return lab.repeat_interleave(rep, dim=-3)
 
 
 Use = tuple[int, int, int, int]
