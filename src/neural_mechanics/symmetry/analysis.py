@@ -25,6 +25,7 @@ from neural_mechanics.symmetry.graph import (
     fit,
     invariant_label,
     live,
+    slots_in,
     taint,
 )
 
@@ -147,6 +148,14 @@ class Analysis:
         view = [1] * ndim
         view[dim] = n
         return base, (base + torch.arange(n)).view(view)
+
+    def moving(self, lab: Tensor) -> bool:
+        """Whether some entry's class can still move (a live slot not joined to INVARIANT).
+
+        Tainting is final, so a factor none of whose classes can move is a constant for every op after it
+        (`gelu_new(gate) * up`: the gate's class was tainted by its pow before the product).
+        """
+        return any(self.uf.find(s) != INVARIANT for s in slots_in(lab))
 
     def taint_args(self, args: Iterable[Any]) -> bool:
         """Taint every slot that reaches one of `args` (the graph nodes among them); True if any slot was live."""

@@ -136,13 +136,13 @@ def h_matmul(a: Analysis, node: Node) -> Labels:
     if ndim_of(x) < 2 or ndim_of(y) < 2:
         return a.barrier(node)
     lx, ly = a.lab(x, ndim_of(x)), a.lab(y, ndim_of(y))
-    if live(lx) and live(ly):
+    if a.moving(lx) and a.moving(ly):
         site = _contraction_site(a, node, x, y, y_transposed=True)
         if site is None:
             return a.barrier(node)
         a.contraction_sites.append(site)
         return invariant_label(nd)
-    if live(ly):  # attention @ values: channel d of V stays channel d
+    if a.moving(ly):  # attention @ values: channel d of V stays channel d
         out = fit(collapse(a.uf, ly, [ly.ndim - 2]), nd)
         text = f"{opname(node)} ({node.name}): fixed weights @ values keeps value channel d as output channel d"
         for slot in slots_in(out):

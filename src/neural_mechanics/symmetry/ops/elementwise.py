@@ -108,9 +108,9 @@ def _product(a: Analysis, node: Node, divide: bool) -> Labels:
         if scaled is not None:
             return scaled
     lx, ly = a.lab(x, nd), a.lab(y, nd)
-    if not live(ly):
+    if not a.moving(ly):  # x * c, x / c: linear in x (SwiGLU's silu(gate) * up: up passes)
         return compress(torch.broadcast_tensors(lx, ly)[0])
-    if not divide and not live(lx):
+    if not divide and not a.moving(lx):
         return compress(torch.broadcast_tensors(ly, lx)[0])
     return a.barrier(node)
 
