@@ -1,4 +1,4 @@
-"""Exact discrete-time recurrences for the charges under torch.optim.SGD (THEORY.md section 5).
+"""Exact discrete-time recurrences for the charges under torch.optim.SGD (docs/theory.md section 5).
 
 torch.optim.SGD (torch/optim/sgd.py, `_single_tensor_sgd`; the foreach/fused paths compute the same) does,
 per parameter and step k:
