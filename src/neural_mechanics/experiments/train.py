@@ -409,10 +409,10 @@ def _set_rng_state(state: dict[str, Any], device: torch.device | None = None) ->
 
 def max_relative_errors(run_dir: Path) -> dict[str, float]:
     """Largest relative error of each prediction ("exact", "breaking", "paper") over all valid groups and steps,
-    with the tracker's definition (`tracking.tracker.relative_errors`: |pred - measured| / max(norm, 1e-6 x the
+    with the tracker's definition (`tracking.metrics.relative_errors`: |pred - measured| / max(norm, 1e-6 x the
     group's largest norm so far))."""
+    from neural_mechanics.tracking.metrics import relative_errors
     from neural_mechanics.tracking.store import open_run
-    from neural_mechanics.tracking.tracker import relative_errors
 
     df = open_run(run_dir).frame()
     if df.empty:
