@@ -82,9 +82,10 @@ from neural_mechanics.experiments.specs import resolve_model
 from neural_mechanics.symmetry import SymmetrySet
 from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.tracking import store as run_store
+from neural_mechanics.tracking.metrics import relative_errors
 from neural_mechanics.tracking.param_trace import ParamTrace
 from neural_mechanics.tracking.sharding import check_not_sharded
-from neural_mechanics.tracking.tracker import Tracker, relative_errors
+from neural_mechanics.tracking.tracker import Tracker
 
 #: Above this many parameters the start-of-run constraint check skips the Hessian (HVPs in float64 are slow on CPU).
 HESSIAN_CHECK_MAX_PARAMS = 2_000_000
@@ -293,7 +294,7 @@ def _save_constraints(model: nn.Module, symmetries: Any, data: DatasetInfo, out_
 
 def max_relative_errors(run_dir: Path) -> dict[str, float]:
     """Largest relative error of each prediction ("exact", "breaking", "paper") over all valid groups and steps,
-    with the tracker's definition (`tracking.tracker.relative_errors`: |pred - measured| / max(norm, 1e-6 x the
+    with the tracker's definition (`tracking.metrics.relative_errors`: |pred - measured| / max(norm, 1e-6 x the
     group's largest norm so far))."""
     df = run_store.open_run(run_dir).frame()
     if df.empty:

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from neural_mechanics.errors import RunStoreError
 from neural_mechanics.plots import figures as F
 from neural_mechanics.plots.source import FigureUnavailable, RunView, load_run
-from neural_mechanics.plots.style import KIND_COLORS, close, png_bytes
+from neural_mechanics.plots.style import KIND_COLORS, PREDICTION_STYLE, close, png_bytes
 from neural_mechanics.plots.toy import fig_conserved_surfaces
 from neural_mechanics.symmetry.kinds import KINDS
 
@@ -215,6 +215,19 @@ def _error_table(view: RunView) -> str:
             f"red otherwise.</p><table>{head}{body}</table>")
 
 
+def _applicability(view: RunView) -> str:
+    """Which predictions the tracker made and, for those it did not, why (the manifest's applicability)."""
+    app = view.applicability
+    if not app:
+        return ""
+    rows = "".join(
+        f"<tr><th>{_e(PREDICTION_STYLE[c]['label'] if c in PREDICTION_STYLE else c)}</th>"
+        f"<td>{'applies' if v.get('applies') else '<strong>not applicable</strong>'}</td>"
+        f"<td class='meta'>{_e(v.get('reason', ''))}</td></tr>"
+        for c, v in app.items())
+    return f"<div class='card'><h3>Predictions</h3><table>{rows}</table></div>"
+
+
 def _symmetry_summary(view: RunView) -> str:
     g = view.groups
     by_kind: dict[str, int]
@@ -302,7 +315,7 @@ def report_html(run: Any, *, constraints: Any = None, param_trace: pd.DataFrame 
         config_html,
         "</div>",
         "<h2>Symmetries</h2>", _symmetry_summary(view),
-        "<h2>Prediction error</h2>", _error_table(view),
+        "<h2>Prediction error</h2>", _applicability(view), _error_table(view),
         "<h2>Figures</h2>", *(_figure_html(r) for r in rendered),
         notes_html,
         f"<footer>versions: {_fmt(versions) if versions else 'not recorded'}</footer>",
