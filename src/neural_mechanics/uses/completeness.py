@@ -8,18 +8,26 @@ such directions: its generator xi(theta) satisfies J xi = 0 at every theta. So
     total = dim null(J)          found = dim( span{xi_i(theta)} intersected with null(J) )
 
 and total - found counts directions that leave the outputs unchanged but that no detected group explains:
-a symmetry the detector missed (e.g. the GL(k) of two linear layers with nothing between them, of which the
-k one-parameter rescale groups span only the diagonal), or a degeneracy of the point or of the batch.
+a symmetry the detector missed (e.g. the affine group h -> M h + v of a hidden layer between two linear layers
+with nothing between them, k^2 + k directions of which the k one-parameter rescale groups span the diagonal),
+or a property of the point and the batch rather than of the architecture.
 
 Reading the count needs a generic point and a large batch:
 
 * The batch must be large: rank(J) <= N (C - 1) (log-softmax rows sum to zero in exp), so with
-  N (C - 1) < P - total the null space is inflated by the missing data. `completeness` refuses such a batch.
-* ReLU units must be mixed on the batch: a unit inactive on every sample adds free directions (its incoming
-  row and outgoing column), a unit active on every sample is linear on the batch (its bias can be pushed into
-  the next layer's bias). Both are properties of the point and the batch, not symmetries. Choose inputs that
-  spread (standard normal inputs and default initialisation do, for small nets; BatchNorm before the ReLU
-  guarantees it) and check `unexplained_by_parameter` when total > found.
+  N (C - 1) < P - total the null space is inflated by the missing data. `completeness` refuses a batch with
+  fewer independent outputs than parameters.
+* ReLU-type units must be mixed on the batch. A unit inactive on every sample frees its incoming row and
+  outgoing column; a unit active on every sample is linear on the batch (its bias can be pushed into the next
+  layer's); two units of a layer with (nearly) the same active set act as one linear map there (mixing them is
+  free); a unit whose active samples never see some input unit active leaves that weight free. Default
+  initialisation often produces such units beyond the first layer; BatchNorm before the activation centres
+  them; the tests put every bias at a random quantile of its unit's pre-activation.
+* Even at generic points, ReLU networks have "hidden symmetries" on sets of parameters of positive measure
+  (Grigsby, Lindsey & Rolnick, ICML 2023), more often the narrower and deeper the net and the smaller its
+  input and output: extra directions that are not symmetries of the architecture (they do not hold at every
+  point). A symmetry holds everywhere, so the architecture's count is the minimum of total over a few random
+  points.
 * Train-mode BatchNorm couples the samples of a batch; F is still a function of theta for the fixed batch
   X, so J is taken through the whole batch at once (rows are computed in chunks, the forward pass is one).
 
@@ -36,6 +44,9 @@ is not reliable (a near-degenerate point or a badly scaled model), and `reliable
 found is computed from principal angles: with V0 an orthonormal basis of the numerical null space and Q an
 orthonormal basis of the generators' span (rank with the same relative tolerance), the cosines of the
 angles between the two subspaces are the singular values of V0^T Q; found counts those above 1 - 1e-6.
+Both bases are re-orthonormalised by a QR: LAPACK's divide-and-conquer SVD returns the singular vectors of a
+cluster of tiny singular values orthogonal only to ~1e-6, the size of that threshold. A generator with
+|J xi| > 1e3 rtol sigma_max |xi| is listed in `outside_null` (claimed, but not a symmetry at this point).
 The unexplained directions are the part of null(J) orthogonal to the generators; `unexplained_by_parameter`
 gives, per parameter, the squared mass of an orthonormal basis of them on that parameter's entries (the
 masses add up to total - found). Per layer, `found_by_layer` is the rank of the generators of the groups
@@ -179,6 +190,16 @@ def _flat_generators(symmetries: list[Symmetry], params: dict[str, Tensor], name
     return g
 
 
+def _reorthonormalise(basis: Tensor) -> Tensor:
+    """The same span with columns orthonormal to float64 rounding (Householder QR).
+
+    LAPACK's divide-and-conquer SVD (gesdd, what torch.linalg.svd runs on CPU) can return singular vectors of a
+    cluster of tiny singular values that are orthogonal only to ~1e-6; each vector is still in the subspace,
+    so a QR restores an orthonormal basis of it. Principal angles need that: 1 - cos ~ 1e-6 is the threshold.
+    """
+    return torch.linalg.qr(basis).Q if basis.shape[1] else basis
+
+
 def _orthonormal(m: Tensor, rtol: float) -> Tensor:
     """Orthonormal basis of the column span of m (numerical rank with relative tolerance rtol)."""
     if m.shape[1] == 0:
@@ -186,7 +207,7 @@ def _orthonormal(m: Tensor, rtol: float) -> Tensor:
     u, s, _ = torch.linalg.svd(m, full_matrices=False)
     if s.numel() == 0 or float(s[0]) == 0.0:
         return m[:, :0]
-    return u[:, : int((s > rtol * s[0]).sum())]
+    return _reorthonormalise(u[:, : int((s > rtol * s[0]).sum())])
 
 
 def completeness(model: nn.Module, inputs: Any, symmetries: Iterable[Symmetry], *, loss: str = "cross_entropy",
@@ -242,7 +263,7 @@ def completeness(model: nn.Module, inputs: Any, symmetries: Iterable[Symmetry], 
     kept = float(sv[rank - 1]) if rank > 0 else math.inf
     dropped = float(sv[rank]) if rank < sv.numel() else 0.0
     gap = kept / dropped if dropped > 0 else math.inf
-    null = vh[rank:].T.cpu()  # [P, total]: orthonormal basis of the numerical null space
+    null = _reorthonormalise(vh[rank:].T.cpu())  # [P, total]: orthonormal basis of the numerical null space
     total = n_params - rank
 
     cpu_params = {n: p.cpu() for n, p in params.items()}
@@ -273,7 +294,7 @@ def _unexplained(null: Tensor, q: Tensor, k: int, params: dict[str, Tensor], nam
         return {}
     resid = null - q @ (q.T @ null) if q.shape[1] else null
     u, _, _ = torch.linalg.svd(resid, full_matrices=False)
-    mass = (u[:, :k] ** 2).sum(dim=1)
+    mass = (_reorthonormalise(u[:, :k]) ** 2).sum(dim=1)
     out: dict[str, float] = {}
     start = 0
     for n in names:
