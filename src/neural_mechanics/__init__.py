@@ -8,6 +8,9 @@
         ...
     nm.open_run("runs/a").frame()                            # long-form pandas DataFrame
     nm.write_report("runs/a")                                # one self-contained HTML file
+    nm.param_groups(model, sym, weight_decay=5e-4)           # torch.optim groups: scale-invariant vs the rest
+    nm.balance(model, sym); nm.equalize(model, sym)          # moves along the orbits (same function)
+    nm.completeness(model, x, sym)                           # found k of n output-preserving directions
 """
 
 from .errors import NMechError
@@ -18,23 +21,47 @@ from .symmetry.certify import CertificationReport, certify
 from .symmetry.detect import find_symmetries
 from .tracking.store import Run, open_run
 from .tracking.tracker import Tracker
+from .uses import (
+    Alignment,
+    Completeness,
+    ParamSplit,
+    SymmetryUseError,
+    act,
+    balance,
+    classify_parameters,
+    completeness,
+    distance_up_to_symmetry,
+    equalize,
+    param_groups,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KINDS",
+    "Alignment",
     "CertificationReport",
+    "Completeness",
     "ConstraintReport",
     "Member",
     "NMechError",
+    "ParamSplit",
     "Run",
     "Symmetry",
     "SymmetrySet",
+    "SymmetryUseError",
     "Tracker",
     "__version__",
+    "act",
+    "balance",
     "certify",
     "check_constraints",
+    "classify_parameters",
+    "completeness",
+    "distance_up_to_symmetry",
+    "equalize",
     "find_symmetries",
     "open_run",
+    "param_groups",
     "write_report",
 ]
