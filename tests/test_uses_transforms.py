@@ -218,15 +218,17 @@ def test_quantize_tensor_and_fold_batchnorm():
     r = torch.randn(50, 50, generator=torch.Generator().manual_seed(0))
     q = quantize_tensor(r)
     assert len(q.unique()) <= 255 and float((q - r).abs().max()) <= float(r.abs().max()) / 127 / 2 + 1e-7
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1),
-                        nn.BatchNorm2d(5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    torch.manual_seed(0)  # bias-free convs before BN, as in resnets: folding gives them a (trainable) bias
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
     x = torch.randn(8, 3, 6, 6)
     net.train()
     net(x * 3 + 1)  # running statistics that are not (0, 1)
     net.eval()
     folded = fold_batchnorm(net)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert all(p.requires_grad for p in folded.parameters())
     torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)
     sym = nm.find_symmetries(folded, x)
     assert sym.counts()["rescale"] == 4 + 5  # conv rows + bias -> next conv / head columns
@@ -276,8 +278,9 @@ def test_distance_between_independent_models_is_bounded_and_keeps_the_function()
             p.add_(0.3 * torch.randn_like(p))
     al = nm.distance_up_to_symmetry(model, other, sym)
     assert al.distance <= al.plain_distance
-    direct = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(al.aligned.parameters(), other.parameters(),
-                                                                            strict=True)))
+    with torch.no_grad():
+        direct = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(al.aligned.parameters(),
+                                                                                other.parameters(), strict=True)))
     assert direct == pytest.approx(al.distance, rel=1e-12)
     same_function(model, al.aligned, x)
     # each group alone is at its best factor: no single-group move lowers the distance
@@ -285,7 +288,9 @@ def test_distance_between_independent_models_is_bounded_and_keeps_the_function()
     for g in list(sym)[::5]:
         for f in ((1.01, 0.99) if g.kind != "translation" else (0.01, -0.01)):
             moved = nm.act(al.aligned, g, f)
-            d2 = sum(float(((a - b) ** 2).sum()) for a, b in zip(moved.parameters(), other.parameters(), strict=True))
+            with torch.no_grad():
+                d2 = sum(float(((a - b) ** 2).sum()) for a, b in zip(moved.parameters(), other.parameters(),
+                                                                      strict=True))
             assert d2 >= base * (1 - 1e-9), g.name
 
 

@@ -117,14 +117,21 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of the eval-mode `model` with every BatchNorm that follows a convolution folded into it.
 
     Uses torch.fx symbolic tracing (`torch.fx.experimental.optimization.fuse`); parameter names of the
-    convolutions are kept, each gains a bias. SymmetryUseError if the model is in train mode (batch statistics
-    cannot be folded) or cannot be traced.
+    convolutions are kept, each gains a bias. torch creates the bias of a conv that had none with
+    requires_grad=False, which would make it a frozen parameter (left out of every group, so it would block
+    the rescale symmetries through that conv); it is made trainable like its weight. SymmetryUseError if the
+    model is in train mode (batch statistics cannot be folded) or cannot be traced.
     """
     if model.training:
         raise SymmetryUseError("fold_batchnorm needs an eval-mode model (train-mode BatchNorm uses batch statistics)",
                                "call model.eval() first")
     try:
-        return fuse(model, inplace=False)
+        fused = fuse(model, inplace=False)
     except Exception as exc:  # torch.fx raises many types on untraceable control flow
         raise SymmetryUseError(f"torch.fx could not trace {type(model).__name__} to fold its BatchNorm: {exc}",
                                "fold the BatchNorm layers yourself (torch.nn.utils.fusion.fuse_conv_bn_eval)") from exc
+    for mod in fused.modules():
+        weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
+        if isinstance(weight, nn.Parameter) and isinstance(bias, nn.Parameter) and weight.requires_grad:
+            bias.requires_grad_(True)
+    return fused
