@@ -21,19 +21,13 @@ from .symmetry.certify import CertificationReport, certify
 from .symmetry.detect import find_symmetries
 from .tracking.store import Run, open_run
 from .tracking.tracker import Tracker
-from .uses import (
-    Alignment,
-    Completeness,
-    ParamSplit,
-    SymmetryUseError,
-    act,
-    balance,
-    classify_parameters,
-    completeness,
-    distance_up_to_symmetry,
-    equalize,
-    param_groups,
-)
+from .uses.alignment import Alignment, distance_up_to_symmetry
+from .uses.balance import balance
+from .uses.completeness import Completeness, completeness
+from .uses.equalize import equalize
+from .uses.orbits import SymmetryUseError
+from .uses.param_groups import ParamSplit, classify_parameters, param_groups
+from .uses.transforms import act
 
 __version__ = "0.1.0"
 

@@ -22,6 +22,9 @@ never merges groups that interact). A chain of layers needs two or three colours
 Per-group sums come from the compiled incidence (symmetry/incidence.py): one reduction per parameter and
 slicing key, one `index_add_` (sums) or `scatter_reduce_` (maxima) over the (cell, group, sign) triples, split
 by sign into the A1 side (sign +1, also the whole of a scale or translation group) and the A2 side (sign -1).
+`Orbits.side_sums` does that on full tensors (alignment, whose translations add to the parameters);
+`CoreState` keeps purely multiplicative moves (balance, equalize) on small per-parameter cores instead.
+`young_omega` is the over-relaxation factor both coordinate descents use once their rate has settled.
 Everything runs on a float64 copy of the parameters; `write_back` casts the result to each parameter's dtype.
 """
 
@@ -174,27 +177,6 @@ class Orbits:
             s = torch.zeros((n, self.n), dtype=torch.float64, device=inc.device)
             s.index_add_(1, inc.group[side], vals[:, side])
             out.append(s)
-        return out[0], out[1]
-
-    def side_max(self, params: Mapping[str, Tensor], include: Callable[[str, Tensor], bool]) -> tuple[Tensor, Tensor]:
-        """Per group, max |theta| over the A1 side and over the A2 side, counting only the parameters for
-        which include(name, tensor) is true (0 where a side has none)."""
-        inc = self.incidence
-        cells = torch.zeros(inc.total_cells, dtype=torch.float64, device=inc.device)
-        for b in inc.blocks:
-            p = params[b.param]
-            if not include(b.param, p):
-                continue
-            a = p.detach().abs().to(torch.float64)
-            other = [d for d in range(a.ndim) if d not in b.key]
-            t = a.amax(dim=other) if other else a
-            cells[b.offset:b.offset + b.n_cells] = t.reshape(-1)
-        vals = cells.index_select(0, inc.cell)
-        out = []
-        for side in (self.positive, ~self.positive):
-            m = torch.zeros(self.n, dtype=torch.float64, device=inc.device)
-            m.scatter_reduce_(0, inc.group[side], vals[side], reduce="amax", include_self=True)
-            out.append(m)
         return out[0], out[1]
 
     def sizes(self) -> Tensor:

@@ -35,7 +35,8 @@ def _factor_vector(symmetries: list[Symmetry], factors: Factors) -> Tensor:
     """One factor per group, float64, validated (alpha > 0 for scale and rescale, finite everywhere)."""
     n = len(symmetries)
     if isinstance(factors, Mapping):
-        unknown = [k for k in factors if not any(s.name == k for s in symmetries)]
+        names = {s.name for s in symmetries}
+        unknown = [k for k in factors if k not in names]
         if unknown:
             raise SymmetryUseError(f"factors name groups that are not in the set: {unknown[:5]}",
                                    "key the mapping by Symmetry.name of the groups passed")
