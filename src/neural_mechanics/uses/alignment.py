@@ -89,7 +89,7 @@ def best_rescale_factor(a1: Tensor, p1: Tensor, a2: Tensor, p2: Tensor) -> Tenso
     c3 = -(p1 * s**3 / a2)
     c1 = p2 * s / a2
     n = a1.numel()
-    comp = torch.zeros((n, 4, 4), dtype=torch.float64)
+    comp = torch.zeros((n, 4, 4), dtype=torch.float64, device=a1.device)
     comp[:, 1, 0] = comp[:, 2, 1] = comp[:, 3, 2] = 1.0
     comp[:, 0, 3] = 1.0  # -c0 with c0 = -1
     comp[:, 1, 3] = -c1
@@ -104,8 +104,9 @@ def best_rescale_factor(a1: Tensor, p1: Tensor, a2: Tensor, p2: Tensor) -> Tenso
         dq = 4 * beta**3 + 3 * c3[:, None] * beta**2 + c1[:, None]
         step = torch.where(dq.abs() > 0, q / dq, torch.zeros_like(q))
         beta = torch.where(real & ((beta - step) > 0), beta - step, beta)
-    cand = torch.cat([beta * s[:, None], torch.ones((n, 1), dtype=torch.float64)], dim=1)
-    cand = torch.where(torch.cat([real, torch.ones((n, 1), dtype=torch.bool)], 1), cand, torch.ones_like(cand))
+    one = torch.ones((n, 1), dtype=torch.float64, device=a1.device)
+    cand = torch.cat([beta * s[:, None], one], dim=1)
+    cand = torch.where(torch.cat([real, one.bool()], 1), cand, torch.ones_like(cand))
     f = _rescale_gain(cand, a1[:, None], p1[:, None], a2[:, None], p2[:, None])
     return cand.gather(1, f.argmin(1, keepdim=True)).squeeze(1)
 
@@ -154,8 +155,7 @@ def distance_up_to_symmetry(model_a: nn.Module, model_b: nn.Module, symmetries: 
         sweeps += 1
         saved = {n: pa[n].clone() for n in orbits.params}
         for colour in orbits.colors:
-            sel = torch.zeros(orbits.n, dtype=torch.bool)
-            sel[colour] = True
+            sel = orbits.selected(colour)
             _step(orbits, pa, pb, sel, sizes, unaligned, omega)
         new = _sq_dist(pa, pb)
         if omega > 1 and new > current + NOISE * current:  # the over-relaxed sweep went uphill: undo, plain from now
@@ -180,8 +180,8 @@ def _step(orbits: Orbits, pa: dict[str, Tensor], pb: dict[str, Tensor], sel: Ten
     (shift omega t*, factor alpha*^omega)."""
     (a_sq, ab, diff), (a2_sq, ab2, _) = orbits.side_sums(
         lambda name: [(pa[name], pa[name]), (pa[name], pb[name]), pb[name] - pa[name]], 3)
-    log_alpha = torch.zeros(orbits.n, dtype=torch.float64)
-    shifts = torch.zeros(orbits.n, dtype=torch.float64)
+    log_alpha = orbits.zeros()
+    shifts = orbits.zeros()
     trans = sel & orbits.is_translation
     shifts[trans] = diff[trans] / sizes[trans]
     scale = sel & orbits.is_scale

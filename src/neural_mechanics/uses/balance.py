@@ -82,7 +82,7 @@ def _residual(orbits: Orbits, n1: Tensor, n2: Tensor, target: float | None, live
 
 def _step(orbits: Orbits, n1: Tensor, n2: Tensor, target: float | None, sel: Tensor) -> Tensor:
     """The exact coordinate minimiser, as log alpha, for the selected groups (0 elsewhere)."""
-    u = torch.zeros(orbits.n, dtype=torch.float64)
+    u = orbits.zeros()
     resc = sel & orbits.is_rescale
     u[resc] = 0.25 * (n2[resc].log() - n1[resc].log())
     if target is not None:
@@ -118,7 +118,7 @@ def balance_params(params: dict[str, Tensor], symmetries: Iterable[Symmetry], *,
     live = torch.where(orbits.is_rescale, (n1 > 0) & (n2 > 0), n1 > 0)
     skipped = [g.name for g, ok in zip(groups, live.tolist(), strict=True) if not ok]
     residual = float(_residual(orbits, n1, n2, target, live).max())
-    scale_log = torch.zeros(orbits.n, dtype=torch.float64)  # accumulated log alpha of scale groups (G's linear term)
+    scale_log = orbits.zeros()  # accumulated log alpha of scale groups (G's linear term)
 
     def objective() -> float:
         linear = 0.0 if target is None else 2 * target * float(scale_log[orbits.is_scale].sum())
@@ -130,8 +130,7 @@ def balance_params(params: dict[str, Tensor], symmetries: Iterable[Symmetry], *,
         sweeps += 1
         saved, saved_scale, g0 = state.snapshot(), scale_log.clone(), objective()
         for colour in orbits.colors:
-            sel = torch.zeros(orbits.n, dtype=torch.bool)
-            sel[colour] = True
+            sel = orbits.selected(colour)
             n1, n2 = state.squares()
             u = omega * _step(orbits, n1, n2, target, sel & live)
             state.multiply(u)

@@ -31,7 +31,6 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from neural_mechanics.symmetry.groups import Symmetry
@@ -85,11 +84,10 @@ def equalize_params(params: dict[str, Tensor], symmetries: Iterable[Symmetry], *
     while res > tol and sweeps < max_sweeps:
         sweeps += 1
         for colour in orbits.colors:
-            sel = torch.zeros(orbits.n, dtype=torch.bool)
-            sel[colour] = True
+            sel = orbits.selected(colour)
             sel &= live
             r1, r2 = state.maxima()
-            u = torch.zeros(orbits.n, dtype=torch.float64)
+            u = orbits.zeros()
             u[sel] = 0.5 * (r2[sel].log() - r1[sel].log())  # alpha = 1 / s = sqrt(r2 / r1)
             state.multiply(u)
         res = residual()

@@ -118,9 +118,11 @@ class Orbits:
         self.positive = inc.sign > 0
         """bool [nnz]: the triple is on the A1 side (or in a scale / translation group)."""
         kinds = [s.kind for s in self.symmetries]
-        self.is_scale = torch.tensor([k == "scale" for k in kinds], dtype=torch.bool)
-        self.is_rescale = torch.tensor([k == "rescale" for k in kinds], dtype=torch.bool)
-        self.is_translation = torch.tensor([k == "translation" for k in kinds], dtype=torch.bool)
+        self.device = inc.device
+        """Where the per-group vectors live (the parameters' device)."""
+        self.is_scale = torch.tensor([k == "scale" for k in kinds], dtype=torch.bool, device=self.device)
+        self.is_rescale = torch.tensor([k == "rescale" for k in kinds], dtype=torch.bool, device=self.device)
+        self.is_translation = torch.tensor([k == "translation" for k in kinds], dtype=torch.bool, device=self.device)
 
     # ---- colouring ------------------------------------------------------------------------------
     @cached_property
@@ -160,7 +162,17 @@ class Orbits:
             for bid in blocks:
                 at_block.setdefault(bid, set()).add(c)
         col = torch.tensor(colour, dtype=torch.long)
-        return [torch.nonzero(col == c).flatten() for c in range(int(col.max()) + 1)]
+        return [torch.nonzero(col == c).flatten().to(self.device) for c in range(int(col.max()) + 1)]
+
+    def selected(self, colour: Tensor) -> Tensor:
+        """bool [groups]: True on the groups of one colour class."""
+        sel = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        sel[colour] = True
+        return sel
+
+    def zeros(self) -> Tensor:
+        """A float64 vector with one entry per group, on the groups' device."""
+        return torch.zeros(self.n, dtype=torch.float64, device=self.device)
 
     # ---- per-group reductions -------------------------------------------------------------------
     def side_sums(self, factors: Callable[[str], Sequence[Factor]], n: int) -> tuple[Tensor, Tensor]:
