@@ -6,31 +6,18 @@ library then certifies), and that user errors exit 2 with what to do.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import neural_mechanics as nm
-from neural_mechanics import cli
 from neural_mechanics.uses.balance import imbalance
+from test_cli import run  # `nmech ARGS` in-process -> (exit code, stdout, stderr)
 from uses_support import small_mlp
 
 torch.set_num_threads(1)
 MLP = "uses_support:small_mlp"  # a 4-8-8-3 BatchNorm ReLU MLP, bias-free before BN (tests/uses_support.py)
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run `nmech ARGS` in-process; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["nmech", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_groups_prints_the_split_and_the_disagreements(monkeypatch, capsys):

@@ -18,7 +18,7 @@ import neural_mechanics as nm
 from hand_models import batch, mlp, mlp_groups
 from neural_mechanics.symmetry.groups import Member, Symmetry
 from neural_mechanics.uses.alignment import best_rescale_factor
-from neural_mechanics.uses.balance import balance_params, imbalance
+from neural_mechanics.uses.balance import balance_params, balance_with_result, imbalance
 from neural_mechanics.uses.equalize import channel_ranges, equalize_params
 from neural_mechanics.uses.orbits import Orbits, float64_params
 from neural_mechanics.uses.quantize import fold_batchnorm, quantization_error, quantize_tensor
@@ -146,6 +146,15 @@ def test_balance_skips_degenerate_groups():
     sym = nm.find_symmetries(model, torch.randn(16, 4, dtype=torch.float64))
     result = balance_params(float64_params(model), sym)
     assert result.converged and result.skipped == ["rescale:0[0]"]
+
+
+def test_balance_warns_when_it_runs_out_of_sweeps():
+    model = chain(depth=5)
+    sym = nm.find_symmetries(model, torch.randn(16, 4, dtype=torch.float64))
+    with pytest.warns(RuntimeWarning, match="balance stopped after 2 sweeps"):
+        out, result = balance_with_result(model, sym, max_sweeps=2)
+    assert not result.converged and result.sweeps == 2 and result.residual > 1e-10
+    assert max(imbalance(out, sym).values()) < max(imbalance(model, sym).values())
 
 
 def test_balance_float32_model_is_balanced_to_float32_rounding():

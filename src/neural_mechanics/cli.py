@@ -421,7 +421,7 @@ def balance_command(
 ) -> None:
     """Move every rescale group to the minimum-norm point of its orbit (|theta_A1| = |theta_A2|); the function
     is unchanged (checked on the example batch in float64)."""
-    from .uses.balance import balance, imbalance
+    from .uses.balance import balance_with_result, imbalance
     from .uses.transforms import function_change
 
     _, net, inputs = _load(model, input_shape, num_classes, batch, seed, eval_mode=False)
@@ -429,10 +429,11 @@ def balance_command(
     found = _certified_groups(net, inputs, seed)
     before = imbalance(net, found)
     with console.status("balancing ..."):
-        balanced = balance(net, found, scale_norm=scale_norm, tol=tol)
-    after = imbalance(balanced, found)
-    console.print(f"{len(before)} rescale groups: largest |R| / (|A1|^2 + |A2|^2) {max(before.values(), default=0):.3g}"
-                  f" -> {max(after.values(), default=0):.3g}")
+        balanced, result = balance_with_result(net, found, scale_norm=scale_norm, tol=tol)
+    worst_before = max(before.values(), default=0.0)
+    worst_after = max(imbalance(balanced, found).values(), default=0.0)
+    console.print(f"{len(before)} rescale groups: largest |R| / (|A1|^2 + |A2|^2) {worst_before:.3g} -> "
+                  f"{result.residual:.2g} in {result.sweeps} sweeps (float64), {worst_after:.3g} in the model's dtype")
     console.print(f"|theta|^2: {_sq_norm(net):.6g} -> {_sq_norm(balanced):.6g}; relative change of the outputs "
                   f"{function_change(net, balanced, inputs):.2e}")
     _save(balanced, out)
@@ -457,8 +458,7 @@ def equalize_command(
 ) -> None:
     """Cross-layer equalisation (Nagel et al. 2019) on every certified rescale group of the eval-mode model, and
     the per-tensor weight quantisation error before and after."""
-    from .uses.equalize import equalize_params
-    from .uses.orbits import float64_params, write_back
+    from .uses.equalize import equalize_with_result
     from .uses.quantize import fold_batchnorm, quantization_error
     from .uses.transforms import function_change
 
@@ -467,13 +467,8 @@ def equalize_command(
     if fold_bn:
         net = fold_batchnorm(net)
     found = _certified_groups(net, inputs, seed)
-    import copy
-
-    eq = copy.deepcopy(net)
-    params = float64_params(eq)
     with console.status("equalising ..."):
-        result = equalize_params(params, found)
-    write_back(eq, params, params)
+        eq, result = equalize_with_result(net, found)
     console.print(f"{result.equalized} rescale groups equalised in {result.sweeps} sweeps (max |log r1/r2| "
                   f"{result.residual:.2g}); {len(result.skipped)} without quantised weights on both sides left alone")
     table = Table(title=f"int{bits} per-tensor weight quantisation")

@@ -31,7 +31,6 @@ The function is unchanged: the result is a composition of group actions (certifi
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -45,12 +44,11 @@ from neural_mechanics.uses.orbits import (
     Orbits,
     SymmetryUseError,
     float64_params,
-    target_model,
-    write_back,
+    transform_model,
     young_omega,
 )
 
-__all__ = ["BalanceResult", "balance", "balance_params", "imbalance"]
+__all__ = ["BalanceResult", "balance", "balance_params", "balance_with_result", "imbalance"]
 
 
 @dataclass
@@ -161,16 +159,19 @@ def balance(model: nn.Module, symmetries: Iterable[Symmetry], *, inplace: bool =
     says how far it got). The function the model computes is unchanged; only certified groups should be
     passed (`nm.certify`).
     """
-    symmetries = list(symmetries)
-    out = target_model(model, inplace)
-    params = float64_params(out)
-    result = balance_params(params, symmetries, scale_norm=scale_norm, tol=tol, max_sweeps=max_sweeps)
-    if not result.converged:
-        warnings.warn(f"balance stopped after {result.sweeps} sweeps with a largest relative residual of "
-                      f"{result.residual:.3g} > tol {tol:g}; raise max_sweeps to go further", RuntimeWarning,
-                      stacklevel=2)
-    write_back(out, params, _touched(symmetries, scale_norm))
-    return out
+    return balance_with_result(model, symmetries, inplace=inplace, scale_norm=scale_norm, tol=tol,
+                               max_sweeps=max_sweeps)[0]
+
+
+def balance_with_result(model: nn.Module, symmetries: Iterable[Symmetry], *, inplace: bool = False,
+                        scale_norm: float | None = None, tol: float = 1e-10,
+                        max_sweeps: int = 10_000) -> tuple[nn.Module, BalanceResult]:
+    """`balance`, and what it did (sweeps, final residual, skipped degenerate groups)."""
+    syms = list(symmetries)
+    return transform_model(
+        model, inplace,
+        lambda params: balance_params(params, syms, scale_norm=scale_norm, tol=tol, max_sweeps=max_sweeps),
+        _touched(syms, scale_norm), "balance")
 
 
 def _touched(symmetries: Iterable[Symmetry], scale_norm: float | None) -> list[str]:

@@ -27,16 +27,16 @@ paper's own recipe, alternating until converged, here over colour classes of pai
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
 from neural_mechanics.symmetry.groups import Symmetry
-from neural_mechanics.uses.orbits import CoreState, Orbits, SymmetryUseError, float64_params, target_model, write_back
+from neural_mechanics.uses.orbits import CoreState, Orbits, SymmetryUseError, float64_params, transform_model
 
-__all__ = ["EqualizeResult", "channel_ranges", "default_quantized", "equalize", "equalize_params"]
+__all__ = ["EqualizeResult", "channel_ranges", "default_quantized", "equalize", "equalize_params",
+           "equalize_with_result"]
 
 Selector = Callable[[str, Tensor], bool]
 
@@ -102,15 +102,20 @@ def equalize(model: nn.Module, symmetries: Iterable[Symmetry], *, inplace: bool 
 
     A RuntimeWarning says so when max_sweeps ran out before max |log(r1 / r2)| <= tol.
     """
-    symmetries = list(symmetries)
-    out = target_model(model, inplace)
-    params = float64_params(out)
-    result = equalize_params(params, symmetries, quantized=quantized, tol=tol, max_sweeps=max_sweeps)
-    if not result.converged:
-        warnings.warn(f"equalize stopped after {result.sweeps} sweeps with max |log(r1/r2)| = {result.residual:.3g}"
-                      f" > tol {tol:g}; raise max_sweeps to go further", RuntimeWarning, stacklevel=2)
-    write_back(out, params, dict.fromkeys(p for s in symmetries if s.kind == "rescale" for p in s.params))
-    return out
+    return equalize_with_result(model, symmetries, inplace=inplace, quantized=quantized, tol=tol,
+                                max_sweeps=max_sweeps)[0]
+
+
+def equalize_with_result(model: nn.Module, symmetries: Iterable[Symmetry], *, inplace: bool = False,
+                         quantized: Selector = default_quantized, tol: float = 1e-6,
+                         max_sweeps: int = 1000) -> tuple[nn.Module, EqualizeResult]:
+    """`equalize`, and what it did (groups equalised and skipped, sweeps, final residual)."""
+    syms = list(symmetries)
+    touched = dict.fromkeys(p for s in syms if s.kind == "rescale" for p in s.params)
+    return transform_model(
+        model, inplace,
+        lambda params: equalize_params(params, syms, quantized=quantized, tol=tol, max_sweeps=max_sweeps),
+        touched, "equalize")
 
 
 def channel_ranges(model: nn.Module, symmetries: Iterable[Symmetry], *,

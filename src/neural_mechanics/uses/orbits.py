@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cached_property
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -42,8 +44,8 @@ from neural_mechanics.errors import NMechError
 from neural_mechanics.symmetry.groups import Symmetry
 from neural_mechanics.symmetry.incidence import Factor, GroupIncidence
 
-__all__ = ["NOISE", "CoreState", "Orbits", "SymmetryUseError", "float64_params", "target_model", "write_back",
-           "young_omega"]
+__all__ = ["NOISE", "CoreState", "Orbits", "SymmetryUseError", "float64_params", "target_model",
+           "transform_model", "write_back", "young_omega"]
 
 
 class SymmetryUseError(NMechError):
@@ -96,6 +98,31 @@ def young_omega(ratios: Sequence[float]) -> float:
     if not 0 < min(ratios) <= rho < 1 or rho - min(ratios) > 0.01 * rho:
         return 1.0
     return min(2 / (1 + math.sqrt(1 - rho)), MAX_OMEGA)
+
+
+class Converging(Protocol):
+    """What a coordinate descent reports: sweeps done, final residual, and whether it met its tolerance."""
+
+    sweeps: int
+    residual: float
+    converged: bool
+
+
+R = TypeVar("R", bound=Converging)
+
+
+def transform_model(model: nn.Module, inplace: bool, solve: Callable[[dict[str, Tensor]], R], touched: Iterable[str],
+                    what: str) -> tuple[nn.Module, R]:
+    """Run `solve` (in place on a float64 parameter dict) for a copy of the model or the model itself, write the
+    touched parameters back, and warn (RuntimeWarning) when it stopped before converging."""
+    out = target_model(model, inplace)
+    params = float64_params(out)
+    result = solve(params)
+    if not result.converged:
+        warnings.warn(f"{what} stopped after {result.sweeps} sweeps with residual {result.residual:.3g} above its "
+                      "tolerance; raise max_sweeps to go further", RuntimeWarning, stacklevel=3)
+    write_back(out, params, touched)
+    return out, result
 
 
 def _as_list(symmetries: Symmetry | Iterable[Symmetry]) -> list[Symmetry]:
