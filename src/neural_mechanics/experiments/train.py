@@ -159,10 +159,10 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
     resolved = resolve_model(cfg.model, num_classes=cfg.num_classes or train_data.num_classes,
                              input_shape=train_data.input_shape)
     model = resolved.model.to(device).train()
-    first_batch = next(iter(make_loader(train_data, max(2, min(cfg.batch_size, 16)), seed=cfg.seed)))
-    check_pairing(model, objective, first_batch, cfg, device)
     if cfg.tracker.enabled:
         check_not_sharded(model)
+    first_batch = next(iter(make_loader(train_data, max(2, min(cfg.batch_size, 16)), seed=cfg.seed)))
+    check_pairing(model, objective, first_batch, cfg, device)
     if world > 1 and cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}",
                           "use a global batch size that is a multiple of the number of processes")
