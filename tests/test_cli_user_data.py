@@ -26,7 +26,8 @@ import yaml
 from PIL import Image
 
 import neural_mechanics
-from neural_mechanics import SymmetrySet, cli, open_run
+from neural_mechanics import SymmetrySet, open_run
+from test_cli import run as nmech  # `nmech ARGS` in-process through the entry point: (code, stdout, stderr)
 
 torch.set_num_threads(1)
 
@@ -98,19 +99,6 @@ DATA = textwrap.dedent(
         return Patterns(96, seed), Patterns(32, seed + 1)
     """
 )
-
-
-def nmech(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run `nmech ARGS` in-process through the entry point; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["nmech", *args])
-    capsys.readouterr()
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

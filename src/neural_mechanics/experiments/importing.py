@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from neural_mechanics.errors import NMechError
@@ -68,3 +70,13 @@ def import_object(spec: str, error: type[NMechError], what: str = "spec") -> Any
             )
         obj = getattr(obj, part)
     return obj
+
+
+def accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether `fn` can be called with keyword argument `name` (a parameter of that name, or **kwargs); False when
+    its signature cannot be read."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

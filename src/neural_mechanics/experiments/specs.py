@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from neural_mechanics.errors import InputShapeError, ModelSpecError
-from neural_mechanics.experiments.importing import import_object
+from neural_mechanics.experiments.importing import accepts_keyword, import_object
 from neural_mechanics.experiments.models import PRESETS, get_preset
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -165,14 +165,6 @@ def _resolve_torchvision(spec: str, name: str, num_classes: int | None) -> Resol
 # -- package.module:factory --------------------------------------------------------------------
 
 
-def _accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 def _default_num_classes(fn: Callable[..., Any]) -> int | None:
     try:
         p = inspect.signature(fn).parameters.get("num_classes")
@@ -183,7 +175,7 @@ def _default_num_classes(fn: Callable[..., Any]) -> int | None:
 
 def _call(fn: Callable[..., Any], num_classes: int | None, what: str) -> Any:
     try:
-        if num_classes is not None and _accepts_kwarg(fn, "num_classes"):
+        if num_classes is not None and accepts_keyword(fn, "num_classes"):
             return fn(num_classes=num_classes)
         return fn()
     except Exception as exc:

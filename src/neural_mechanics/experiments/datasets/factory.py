@@ -20,7 +20,6 @@ The loader is the same deterministic, resumable, DDP-sharded one as for every da
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -37,22 +36,14 @@ from neural_mechanics.experiments.datasets.registry import (
     DatasetSpec,
     register_dataset_resolver,
 )
-from neural_mechanics.experiments.importing import import_object
+from neural_mechanics.experiments.importing import accepts_keyword, import_object
 
 _FORMS = ("return a torch Dataset of (input, target) pairs, a pair (train, eval) of them, or a dict with 'train' and "
           "'val'/'test'; or take a split= argument and return that split")
 
 
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 def _call(spec: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
-    kwargs = {k: v for k, v in kwargs.items() if k == "split" or _accepts(fn, k)}
+    kwargs = {k: v for k, v in kwargs.items() if k == "split" or accepts_keyword(fn, k)}
     try:
         return fn(**kwargs)
     except Exception as exc:  # the user's code: say which call failed, keep the cause
@@ -119,7 +110,7 @@ def _num_classes(dataset: Any) -> int | None:
 def build_factory(spec: str, split: str, options: DataOptions) -> DatasetInfo:
     """Split `split` of the dataset factory `spec` (see the module docstring), checked on its first item."""
     obj = import_object(spec, DatasetError, "dataset")
-    if callable(obj) and not _is_dataset(obj) and _accepts(obj, "split"):
+    if callable(obj) and not _is_dataset(obj) and accepts_keyword(obj, "split"):
         dataset = _call(spec, obj, split=split, seed=options.seed)
         if not _is_dataset(dataset):
             raise DatasetError(f"dataset factory {spec}(split={split!r}) returned a {type(dataset).__name__}, not "
