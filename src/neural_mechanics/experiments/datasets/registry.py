@@ -61,8 +61,9 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """The `dataset` section of a training config: `name` is a registered dataset (or an alias, any case);
-    `root` defaults to $NMECH_DATA or ./data."""
+    """The `dataset` section of a training config: `name` is a registered dataset (or an alias, any case) or
+    `package.module:factory`; `root` defaults to $NMECH_DATA or ./data. The other keys are read by some datasets
+    only (each spec's `keys`; the comments say which), and a dataset refuses those it does not read."""
 
     name: str = "digits"
     root: str | None = None
@@ -273,13 +274,9 @@ def load_dataset(
         root=Path(root) if root is not None else default_root(),
         augment=(split == "train") if augment is None else bool(augment),
         seed=seed,
-        **{k: v for k, v in knobs.items() if v is not None or k in _NONE_MEANS_NONE},
+        **{k: v for k, v in knobs.items() if v is not None},  # None: the builder's default
     )
     return spec.build(split, options)
-
-
-#: DataOptions fields whose None is a value (not "the default"), so a config's None is passed on as it is.
-_NONE_MEANS_NONE = frozenset({"num_samples", "vocab_size", "image_size", "mean", "std", "path"})
 
 
 def dataset_from_config(cfg: DatasetConfig, split: Split, *, seed: int) -> DatasetInfo:
