@@ -1,7 +1,8 @@
 """`nmech`: the command line. Thin by design: every command is one library call plus printing.
 
 Commands: `symmetries` (find, certify, print or export the groups of a model), `check` (gradient and
-Hessian constraints against random baselines), `train` (a config-driven run with the tracker),
+Hessian constraints against random baselines), `train` (a config-driven run with the tracker, on built-in data or
+yours: image folders, dataset factories, token files),
 `report` (one HTML file from a run directory), `demo` (the embedded default, end to end) and
 `presets` (what a MODEL argument can name); `groups`, `balance`, `equalize`, `distance` and
 `completeness` put the certified symmetries to work (neural_mechanics.uses). User errors (`NMechError`)
@@ -10,6 +11,7 @@ print what happened and what to do, and exit with status 2; anything else is a b
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,8 +26,10 @@ from .experiments.checks import check_model, load_example, uncertified_groups
 from .experiments.config import list_configs, load_config
 from .experiments.demo import run_demo
 from .experiments.models import list_presets
+from .experiments.objectives import build_objective
+from .experiments.specs import parse_input_dtype
 from .experiments.train import run_training
-from .plots.report import write_report
+from .plots.report import missing_predictions, write_report
 from .symmetry.certify import certify
 from .symmetry.detect import find_symmetries
 
@@ -65,23 +69,47 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 MODEL_HELP = (
     "The model: a preset name (see `nmech presets`), `torchvision:NAME` (e.g. torchvision:resnet18, random "
-    "weights) or `package.module:factory` (a callable returning an nn.Module)."
+    "weights) or `package.module:factory` (a callable returning an nn.Module; the module is imported from the "
+    "current directory first, as `python -m` does)."
 )
 ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)]
 InputShapeOpt = Annotated[
     str | None,
-    typer.Option("--input-shape", help="Shape of ONE input without the batch dim, e.g. 3,64,64 (default: the "
-                 "model's own default)."),
+    typer.Option("--input-shape", help="Shape of ONE input without the batch dim, e.g. 3,64,64, or 16 for 16 token "
+                 "ids (default: the model's own default)."),
+]
+InputDtypeOpt = Annotated[
+    str | None,
+    typer.Option("--input-dtype", help="What one input holds: float32 (default), float64, ..., or long for token "
+                 "ids (the default when the model's first layer is an nn.Embedding)."),
+]
+VocabOpt = Annotated[
+    int | None,
+    typer.Option("--vocab", help="Token ids are drawn below this (implies --input-dtype long; default: the rows of "
+                 "the model's first nn.Embedding)."),
 ]
 NumClassesOpt = Annotated[int | None, typer.Option("--num-classes", help="Number of classes for the classifier.")]
 BatchOpt = Annotated[int, typer.Option("--batch", min=2, help="Example batch size (>= 2 for train-mode BatchNorm).")]
 LossOpt = Annotated[
     str,
-    typer.Option("--loss", help="What the outputs feed: cross_entropy (softmax; gives translation symmetries) or "
-                 "mse (no softmax)."),
+    typer.Option("--loss", help="What the outputs feed: cross_entropy (softmax over --class-dim; per-pixel "
+                 "logits (N, C, H, W) too), next_token (token logits (B, T, V): softmax over the vocabulary) or mse "
+                 "(no softmax, so no translation symmetry)."),
+]
+ClassDimOpt = Annotated[
+    int | None,
+    typer.Option("--class-dim", help="cross_entropy: the axis of the outputs that holds the classes (default 1)."),
 ]
 EvalOpt = Annotated[bool, typer.Option("--eval", help="Analyse the model in eval mode (BatchNorm then uses running "
                                        "statistics and has no scale symmetry).")]
+
+
+def _example(model: str, input_shape: str | None, input_dtype: str | None, vocab: int | None, num_classes: int | None,
+             batch: int, seed: int, eval_mode: bool = False) -> tuple[Any, Any]:
+    """The resolved model and its example batch, from the shared MODEL options."""
+    return load_example(model, input_shape=_parse_shape(input_shape), num_classes=num_classes, batch=batch, seed=seed,
+                        eval_mode=eval_mode, input_dtype=parse_input_dtype(input_dtype) if input_dtype else None,
+                        vocab_size=vocab)
 
 
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -101,9 +129,12 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
 def symmetries(
     model: ModelArg,
     input_shape: InputShapeOpt = None,
+    input_dtype: InputDtypeOpt = None,
+    vocab: VocabOpt = None,
     num_classes: NumClassesOpt = None,
     batch: BatchOpt = 4,
     loss: LossOpt = "cross_entropy",
+    class_dim: ClassDimOpt = None,
     eval_mode: EvalOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the groups as a JSON list (the public contract).")
                        ] = False,
@@ -115,10 +146,10 @@ def symmetries(
     seed: Annotated[int, typer.Option(help="Seed for the example batch and certification.")] = 0,
 ) -> None:
     """Find every symmetry of MODEL from its computation graph: a table per layer and kind, or JSON."""
-    resolved, inputs = load_example(model, input_shape=_parse_shape(input_shape), num_classes=num_classes,
-                                    batch=batch, seed=seed, eval_mode=eval_mode)
+    objective = build_objective(loss, class_dim)
+    resolved, inputs = _example(model, input_shape, input_dtype, vocab, num_classes, batch, seed, eval_mode)
     net = resolved.model
-    found = find_symmetries(net, inputs, loss=loss)
+    found = find_symmetries(net, inputs, loss=objective.spec)
     if as_json:
         sys.stdout.write(found.to_json(indent=2) + "\n")
         return
@@ -132,7 +163,7 @@ def symmetries(
         return
     _print_symmetry_table(found, title=f"{model} ({resolved.description}), input {tuple(inputs.shape)}")
     if certify_groups and len(found):
-        report = certify(net, found, inputs, loss=loss, seed=seed)
+        report = certify(net, found, inputs, loss=objective.spec, seed=seed)
         console.print(report.summary())
         if not report.ok:
             raise typer.Exit(1)
@@ -160,8 +191,12 @@ def _print_symmetry_table(found: Any, title: str) -> None:
 def check(
     model: ModelArg,
     input_shape: InputShapeOpt = None,
+    input_dtype: InputDtypeOpt = None,
+    vocab: VocabOpt = None,
     num_classes: NumClassesOpt = None,
     batch: BatchOpt = 8,
+    loss: LossOpt = "cross_entropy",
+    class_dim: ClassDimOpt = None,
     hessian: Annotated[bool, typer.Option("--hessian/--no-hessian", help="Also check the Hessian constraints.")] = True,
     grad_tol: Annotated[float, typer.Option(help="Tolerance on the relative gradient-constraint residual.")] = 1e-6,
     hess_tol: Annotated[float, typer.Option(help="Tolerance on the relative Hessian-constraint residual.")] = 1e-4,
@@ -170,11 +205,13 @@ def check(
 ) -> None:
     """Check the gradient and Hessian constraints of every group, in float64, against random baselines.
 
-    Exits with status 1 when a certified group violates its constraint beyond tolerance.
+    The loss is evaluated against seeded random targets shaped after the model's output (a class per example, per
+    pixel or per token; real values for mse). Exits with status 1 when a certified group violates its constraint
+    beyond tolerance, and 2 when the model or the options are wrong.
     """
-    resolved, inputs = load_example(model, input_shape=_parse_shape(input_shape), num_classes=num_classes,
-                                    batch=batch, seed=seed)
-    result = check_model(resolved, inputs, hessian=hessian, seed=seed)
+    objective = build_objective(loss, class_dim)
+    resolved, inputs = _example(model, input_shape, input_dtype, vocab, num_classes, batch, seed)
+    result = check_model(resolved, inputs, hessian=hessian, seed=seed, objective=objective)
     if result.report is None:
         console.print("No symmetry found; nothing to check.")
         return
@@ -203,7 +240,12 @@ def train(
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Where the run is written (overrides the config).")
                        ] = None,
 ) -> None:
-    """Train with the tracker attached: progress bar, periodic evaluation, checkpoints, `--resume`."""
+    """Train with the tracker attached: progress bar, periodic evaluation, checkpoints, `--resume`.
+
+    The config names the model (any MODEL form), the data (`dataset.name`: digits, cifar10/100, tinyimagenet,
+    synthetic, imagefolder with dataset.root, tokens, or your package.module:factory) and the loss (`loss`:
+    cross_entropy, next_token or mse).
+    """
     cfg = load_config(config, list(overrides or []))
     result = run_training(cfg, run_dir=run_dir, resume=resume, console=console)
     console.print(f"run written to [bold]{result.run_dir}[/bold]; `nmech report {result.run_dir}` renders it")
@@ -225,6 +267,9 @@ def report(
             raise NMechError(f"--compare {item!r} is not LABEL=RUN_DIR", "write e.g. --compare 'no momentum=runs/sgd'")
         others[label] = Path(path_text)
     path = write_report(run, out, compare=others or None)
+    reason = missing_predictions(run)
+    if reason:
+        console.print(f"[yellow]no predictions for this run:[/yellow] {reason}", highlight=False)
     console.print(f"report written to [bold]{path}[/bold]")
 
 
@@ -303,8 +348,7 @@ def _load_weights(net, path: Path | None, model: str) -> None:
 
 def _load(model: str, input_shape: str | None, num_classes: int | None, batch: int, seed: int, eval_mode: bool):
     """(resolved model, the model, its seeded example batch) for a MODEL spec (`load_example`)."""
-    resolved, inputs = load_example(model, input_shape=_parse_shape(input_shape), num_classes=num_classes,
-                                    batch=batch, seed=seed, eval_mode=eval_mode)
+    resolved, inputs = _example(model, input_shape, None, None, num_classes, batch, seed, eval_mode)
     return resolved, resolved.model, inputs
 
 
@@ -530,8 +574,16 @@ def completeness_command(
     console.print(result.summary(), markup=False, highlight=False)
 
 
+#: Loggers whose records are noise in front of a clean error: when capture in fake mode fails (a model that
+#: rejects its example input), torch logs the whole failed meta-kernel traceback at ERROR level, and the capture
+#: then re-runs the model for real and raises an InputShapeError that says the same in one line.
+QUIET_LOGGERS = ("torch._subclasses.fake_tensor",)
+
+
 def main() -> None:
     """Console-script entry point: user errors become a message and exit status 2."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         app()
     except NMechError as exc:
