@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
@@ -25,6 +26,7 @@ from .errors import NMechError
 from .experiments.checks import check_model, load_example, uncertified_groups
 from .experiments.config import list_configs, load_config
 from .experiments.demo import run_demo
+from .experiments.hub_models import parse_overrides
 from .experiments.models import list_presets
 from .experiments.objectives import build_objective
 from .experiments.specs import parse_input_dtype
@@ -69,8 +71,9 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 MODEL_HELP = (
     "The model: a preset name (see `nmech presets`), `torchvision:NAME` (e.g. torchvision:resnet18, random "
-    "weights) or `package.module:factory` (a callable returning an nn.Module; the module is imported from the "
-    "current directory first, as `python -m` does)."
+    "weights), `timm:NAME` (timm.create_model(NAME, pretrained=False)), `hf:CLASS` (a transformers model class from "
+    "its default config, e.g. hf:GPT2LMHeadModel; shrink it with --set) or `package.module:factory` (a callable "
+    "returning an nn.Module; the module is imported from the current directory first, as `python -m` does)."
 )
 ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)]
 InputShapeOpt = Annotated[
@@ -89,6 +92,12 @@ VocabOpt = Annotated[
                  "the model's first nn.Embedding)."),
 ]
 NumClassesOpt = Annotated[int | None, typer.Option("--num-classes", help="Number of classes for the classifier.")]
+ModelSetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="timm:/hf: models: a constructor keyword (timm) or config key "
+                 "(hf), typed int/float/bool, repeatable: --set num_hidden_layers=2 --set hidden_size=64. hf: "
+                 "language models read --input-shape tokens per example (default 16) below the config's vocab_size."),
+]
 BatchOpt = Annotated[int, typer.Option("--batch", min=2, help="Example batch size (>= 2 for train-mode BatchNorm).")]
 LossOpt = Annotated[
     str,
@@ -105,11 +114,11 @@ EvalOpt = Annotated[bool, typer.Option("--eval", help="Analyse the model in eval
 
 
 def _example(model: str, input_shape: str | None, input_dtype: str | None, vocab: int | None, num_classes: int | None,
-             batch: int, seed: int, eval_mode: bool = False) -> tuple[Any, Any]:
+             batch: int, seed: int, eval_mode: bool = False, overrides: list[str] | None = None) -> tuple[Any, Any]:
     """The resolved model and its example batch, from the shared MODEL options."""
     return load_example(model, input_shape=_parse_shape(input_shape), num_classes=num_classes, batch=batch, seed=seed,
                         eval_mode=eval_mode, input_dtype=parse_input_dtype(input_dtype) if input_dtype else None,
-                        vocab_size=vocab)
+                        vocab_size=vocab, overrides=parse_overrides(overrides))
 
 
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -132,6 +141,7 @@ def symmetries(
     input_dtype: InputDtypeOpt = None,
     vocab: VocabOpt = None,
     num_classes: NumClassesOpt = None,
+    overrides: ModelSetOpt = None,
     batch: BatchOpt = 4,
     loss: LossOpt = "cross_entropy",
     class_dim: ClassDimOpt = None,
@@ -147,7 +157,7 @@ def symmetries(
 ) -> None:
     """Find every symmetry of MODEL from its computation graph: a table per layer and kind, or JSON."""
     objective = build_objective(loss, class_dim)
-    resolved, inputs = _example(model, input_shape, input_dtype, vocab, num_classes, batch, seed, eval_mode)
+    resolved, inputs = _example(model, input_shape, input_dtype, vocab, num_classes, batch, seed, eval_mode, overrides)
     net = resolved.model
     found = find_symmetries(net, inputs, loss=objective.spec)
     if as_json:
@@ -194,6 +204,7 @@ def check(
     input_dtype: InputDtypeOpt = None,
     vocab: VocabOpt = None,
     num_classes: NumClassesOpt = None,
+    overrides: ModelSetOpt = None,
     batch: BatchOpt = 8,
     loss: LossOpt = "cross_entropy",
     class_dim: ClassDimOpt = None,
@@ -210,7 +221,7 @@ def check(
     beyond tolerance, and 2 when the model or the options are wrong.
     """
     objective = build_objective(loss, class_dim)
-    resolved, inputs = _example(model, input_shape, input_dtype, vocab, num_classes, batch, seed)
+    resolved, inputs = _example(model, input_shape, input_dtype, vocab, num_classes, batch, seed, overrides=overrides)
     result = check_model(resolved, inputs, hessian=hessian, seed=seed, objective=objective)
     if result.report is None:
         console.print("No symmetry found; nothing to check.")
@@ -587,9 +598,10 @@ def main() -> None:
     try:
         app()
     except NMechError as exc:
-        err_console.print(f"[red]error:[/red] {exc.what}")
+        # escaped: a message may hold brackets that are not markup (pip install 'neural-mechanics[hf]')
+        err_console.print(f"[red]error:[/red] {escape(exc.what)}")
         if exc.fix:
-            err_console.print(f"[cyan]what to do:[/cyan] {exc.fix}")
+            err_console.print(f"[cyan]what to do:[/cyan] {escape(exc.fix)}")
         sys.exit(2)
 
 
