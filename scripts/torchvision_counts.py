@@ -73,8 +73,10 @@ normalises q and k, which is not homogeneous per coordinate). Blocked ops are wh
 cannot pass (non-homogeneous activations such as GELU, SiLU, hardswish, ReLU6 = hardtanh, sigmoid gates
 of squeeze-and-excitation, attention softmax where queries and keys do not pair up, and the barriers below).
 
-Known gaps (sound, not complete): MaxViT's attention is written with `einsum` (a barrier: no key-bias
-translation, no value rescale and no query/key pair there); Swin V2 computes its qkv projection as
+MaxViT's attention is written with `einsum`, which capture rewrites as the matmuls it is (symmetry/einsum.py):
+its key-bias translations, value rescales and query/key pairs are found.
+
+Known gaps (sound, not complete): Swin V2 computes its qkv projection as
 `F.linear(x, weight, bias)` with a bias made in forward (a clone whose key part is zeroed), which the engine
 cannot follow (the blocked `linear` ops): the value groups (qkv value row c with proj column c), the per-channel
 rescale groups of the stage streams and the per-head scale groups of the normalised queries exist (certified
