@@ -91,3 +91,19 @@ def test_missing_optional_package_says_what_to_install(monkeypatch, capsys, spec
     code, _, err = nmech(monkeypatch, capsys, "symmetries", spec)
     assert code == 2
     assert f"pip install 'neural-mechanics[{extra}]'" in " ".join(err.split())
+
+
+def test_hf_vision_model_reads_pixels_from_its_config(monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    args = ("--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set", "num_attention_heads=2",
+            "--set", "intermediate_size=64", "--set", "image_size=32", "--set", "patch_size=8")
+    resolved = resolve_model("hf:ViTForImageClassification", num_classes=5, overrides=parse_overrides(list(args[1::2])))
+    assert resolved.input_shape == (3, 32, 32) and resolved.input_dtype == torch.float32
+    assert resolved.num_classes == 5 and resolved.model.config.num_labels == 5
+    code, out, err = nmech(monkeypatch, capsys, "symmetries", "hf:ViTForImageClassification", *args,
+                           "--num-classes", "5", "--json")
+    assert code == 0, err
+    # a pre-LN ViT of width C = 32, 1 block, 5 classes (test_timm_models.vit_counts): the stream is read only by
+    # LayerNorms (1 scale group); norm affines -> q/k/v and fc1 columns, values, query/key pairs, final norm ->
+    # classifier columns: 4 C + C rescale; classifier columns + bias and the key bias: C + 1 + C translations
+    assert counts(SymmetrySet.from_json(out)) == (65, 1, 160)
