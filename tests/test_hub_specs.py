@@ -67,8 +67,10 @@ def test_timm_vit_with_img_size_override(monkeypatch, capsys):
     (("hf:GPT2Config",), "no model class called 'GPT2Config'"),
     (("hf:GPT2LMHeadModel", "--set", "n_layers=2"), "did you mean n_layer"),
     (("hf:LlamaForCausalLM",), "--set num_hidden_layers=2"),
+    (("hf:T5ForConditionalGeneration", "--set", "num_layers=1"), "is an encoder-decoder model"),
     (("torchvision:resnet18", "--set", "depth=2"), "only timm:NAME and hf:CLASS models take overrides"),
-], ids=["timm-name", "timm-kwarg", "hf-class", "hf-config-class", "hf-key", "hf-too-large", "set-elsewhere"])
+], ids=["timm-name", "timm-kwarg", "hf-class", "hf-config-class", "hf-key", "hf-too-large", "hf-encoder-decoder",
+                                  "set-elsewhere"])
 def test_hub_spec_errors_exit_2(monkeypatch, capsys, args, said):
     pytest.importorskip("timm")
     pytest.importorskip("transformers")

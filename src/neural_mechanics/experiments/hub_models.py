@@ -7,9 +7,10 @@
   from its default config (`CLASS.config_class()`) with `overrides` applied as config keyword arguments (e.g.
   `num_hidden_layers=2`, `hidden_size=64`); `num_classes` sets `num_labels`. A config with a `vocab_size` reads
   token ids (DEFAULT_SEQ_LEN per example unless `--input-shape` says otherwise); a vision config (`image_size`,
-  `num_channels`) reads (C, H, W) pixels. Default configs are full size (LlamaConfig() is a 6.7e9-parameter
-  model): a model over MAX_PARAMETERS is refused before a single weight is allocated (it is counted on the meta
-  device), with the keys to shrink it.
+  `num_channels`) reads (C, H, W) pixels. An encoder-decoder (T5, BART) needs decoder inputs too: refused, with
+  what to do instead. Default configs are full size (LlamaConfig() is a 6.7e9-parameter model): a model over
+  MAX_PARAMETERS is refused before a single weight is allocated (it is counted on the meta device), with the keys
+  to shrink it.
 
 Overrides come from the command line as `--set key=value` strings (`parse_overrides`: typed int, float, bool,
 none, else a string). Weights are never downloaded. Errors are ModelSpecError: the package to pip install, close
@@ -169,6 +170,13 @@ def resolve_hf(name: str, num_classes: int | None, overrides: dict[str, Any]) ->
     transformers = _import("transformers")
     cls = _hf_class(transformers, name)
     config = _hf_config(cls, num_classes, overrides)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelSpecError(
+            f"hf:{name} is an encoder-decoder model: its forward needs decoder inputs as well as input_ids, and the "
+            "command line feeds one tensor",
+            "call nm.find_symmetries(model, (input_ids, None, decoder_input_ids), loss=...) from Python (as "
+            "tests/test_hf_encoders.py does for T5), or wrap the model in a module whose forward takes one tensor "
+            "and pass it as package.module:factory")
     with torch.device("meta"):  # count the parameters without allocating them
         n_params = sum(p.numel() for p in cls(config).parameters())
     if n_params > MAX_PARAMETERS:
