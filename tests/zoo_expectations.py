@@ -21,9 +21,10 @@ docs/torchvision_counts.md, in short:
   (value row, output-projection column) and a query/key pair.
 
 Where the detector is known to be incomplete (sound, but it misses symmetries that exist) the derivation
-follows the documented gap and `gap` names it: Swin V2 computes its qkv bias in forward (a Linear with a
-computed bias is a barrier). (MaxViT's attention, written with einsum, was such a gap until capture rewrote
-einsum contractions as matmul: symmetry/einsum.py.) A model whose class has no
+follows the documented gap and `gap` names it: Swin V2 normalises q and k with F.normalize (its clamp_min is a
+barrier). Two former gaps are closed: Swin V2's qkv bias computed in forward (now an added activation,
+ops/linear.py `dense`) and MaxViT's einsum attention (rewritten as matmul, symmetry/einsum.py). A model whose
+class has no
 derivation here (a family torchvision adds later) is a regression snapshot: `derive` returns None and the
 whole-list test compares its counts with the table the detector wrote. Today every family has a derivation.
 """
@@ -306,9 +307,13 @@ def swin(model: nn.Module) -> Counts:
     the reduction) + the final norm affine (read by the head).
     V2: cosine attention zeroes the key bias and normalises q, k (no translation, no pair); attn.proj writes
     into norm1 and mlp.3 into norm2 (2 scale groups per block), PatchMerging V2 is reduction -> norm (1 each),
-    plus the stem; rescale: the continuous position bias MLP's hidden neurons (Linear -> ReLU -> Linear) and the
-    final norm's affine. Gap: qkv is F.linear with a bias computed in forward (clone + zero of the key part),
-    a barrier for the engine, which taints the streams and hides the value groups (see `gap`).
+    plus the stem; rescale: the continuous position bias MLP's hidden neurons (Linear -> ReLU -> Linear), the
+    final norm's affine, per block the values (qkv's value row c, + its computed bias, -> proj's column c: C),
+    and the stage streams (x += norm1(attn(x)); x += norm2(mlp(x)): written by the stem's or the merge's norm
+    affine and every block's norm affines, read by qkv's and mlp.0's columns): one group per channel in a stage
+    that a PatchMerging reduction reads (C of the stage = reduction.in_features / 4), and ONE group for the last
+    stage, which the final norm normalises jointly. Gap: F.normalize's clamp_min(eps) is no normaliser for the
+    engine, so the per-head scale groups of the cosine-normalised queries and keys are not found (see `gap`).
     """
     blocks = [m for m in model.modules() if isinstance(m, torchvision.models.swin_transformer.SwinTransformerBlock)]
     merges = [m for m in model.features if isinstance(m, torchvision.models.swin_transformer.PatchMerging)]
@@ -317,7 +322,9 @@ def swin(model: nn.Module) -> Counts:
     if merges_v2 or any(isinstance(b, torchvision.models.swin_transformer.SwinTransformerBlockV2) for b in blocks):
         cpb = sum(b.attn.cpb_mlp[0].out_features for b in blocks)
         assert all(isinstance(b.attn.cpb_mlp[1], nn.ReLU) for b in blocks)
-        return _head(model.head), 1 + 2 * len(blocks) + len(merges_v2), cpb + final
+        values = sum(b.attn.proj.in_features for b in blocks)
+        streams = sum(m.reduction.in_features // 4 for m in merges_v2) + 1
+        return _head(model.head), 1 + 2 * len(blocks) + len(merges_v2), cpb + final + values + streams
     c = sum(_width(b.norm1) for b in blocks)
     stages = len(merges) + 1
     return _head(model.head) + c, 1 + stages, 4 * c + sum(_width(m.norm) for m in merges) + final
@@ -370,8 +377,8 @@ def gap(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name == "SwinTransformer" and any(isinstance(m, torchvision.models.swin_transformer.SwinTransformerBlockV2)
                                          for m in model.modules()):
-        return ("qkv is F.linear with a bias computed in forward (a barrier): the value groups, the per-channel "
-                "stream groups and the per-head query scale groups that exist are not found")
+        return ("cosine attention normalises q and k with F.normalize, whose clamp_min(eps) is a barrier: the "
+                "per-head query and key scale groups that exist are not found")
     return None
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.fx import Node
 
 from neural_mechanics.symmetry.analysis import (
@@ -26,7 +27,7 @@ from neural_mechanics.symmetry.analysis import (
     opname,
     shape_of,
 )
-from neural_mechanics.symmetry.graph import invariant_label, live, per_index, taint
+from neural_mechanics.symmetry.graph import compress, invariant_label, live, per_index, taint, union_pairs
 from neural_mechanics.symmetry.groups import _short_index
 from neural_mechanics.symmetry.ops.args import op_args
 from neural_mechanics.symmetry.ops.registry import Flag, canonical, register
@@ -97,6 +98,9 @@ def dense(a: Analysis, node: Node, x: Any, w: Any, b: Any, read_dim: int, write_
     GPT-2's Conv1D (`addmm(b, x, W)`) and `x @ W` store it as (in, out): read_dim 0, write_dim 1.
     """
     wname, w_ok, bname, b_ok = weight_bias(a, w, b)
+    computed = isinstance(b, Node) and bname is None  # a bias made in forward: out = x W + b, b an activation
+    if computed:
+        b, b_ok = None, True
     if wname is None or (b is not None and bname is None):
         return a.barrier(node)
     wshape = shape_of(w)
@@ -125,6 +129,14 @@ def dense(a: Analysis, node: Node, x: Any, w: Any, b: Any, read_dim: int, write_
         add(Contribution(base + c, wname, write_dim, (c,), "in", wevent))
         if b is not None:
             add(Contribution(base + c, bname, 0, (c,), "in", f"{layer}: bias[{{idx}}]"))  # type: ignore[arg-type]
+    if computed:  # the computed bias is added to the output: its slots meet the written ones, as in x + y
+        bias = op_args(node).get("bias", op_args(node).get("input"))
+        lb = a.lab(bias, nd)
+        text = f"{layer}: {name} ({node.name}) adds a bias computed in forward to feature {{idx}}"
+        for s, _t in union_pairs(a.uf, lab, lb):
+            a.couplings.append((s, text))
+        lab2, lb2 = torch.broadcast_tensors(lab, lb)
+        return compress(torch.where(lab2 >= 0, lab2, lb2))
     return lab
 
 
@@ -175,6 +187,9 @@ def _conv(a: Analysis, node: Node, transposed: bool) -> Labels:
         cd = 1 if ndim_of(x) == ndim_of(w) else 0
         return _weight_norm_layer(a, node, x, w, b, shape_of(node)[cd], cd)
     wname, w_ok, bname, b_ok = weight_bias(a, w, b)
+    computed = isinstance(b, Node) and bname is None  # a bias made in forward: out = x W + b, b an activation
+    if computed:
+        b, b_ok = None, True
     if wname is None or (b is not None and bname is None):
         return a.barrier(node)
     wshape = shape_of(w)
