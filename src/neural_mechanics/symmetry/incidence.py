@@ -52,7 +52,7 @@ Key = tuple[int, ...]
 Factor = Tensor | tuple[Tensor, Tensor] | None
 """One quantity of one parameter for `GroupIncidence.cells`: a field, a pair whose product is summed, or None (0)."""
 
-__all__ = ["CellBlock", "Factor", "GroupIncidence", "Key", "block_sums", "reduce_onto"]
+__all__ = ["CellBlock", "Factor", "GroupIncidence", "Key", "block_sums", "reduce_onto", "segment_sum"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,19 @@ def block_sums(x: Tensor, y: Tensor | None, keys: Sequence[Key], dtype: torch.dt
 
 _GEMV_MAX = 64
 """Longest trailing run summed by a matrix-vector product (BLAS keeps several partial sums: exact enough)."""
+
+
+def segment_sum(cells: Tensor, cell: Tensor, group: Tensor, sign: Tensor, n: int, signed: bool = True) -> Tensor:
+    """[q, n] from cells [q, total] (or [total] -> [n]) and triples (cell, group, sign): out[q, i] = sum over the
+    triples (c, i, s) of s * cells[q, c] (|s| = 1 when not signed). One index_select and one index_add_."""
+    squeeze = cells.ndim == 1
+    cells = cells.reshape(1, -1) if squeeze else cells
+    vals = cells.index_select(1, cell)
+    if signed:
+        vals = vals * sign.to(vals.dtype)
+    out = torch.zeros((cells.shape[0], n), dtype=cells.dtype, device=cells.device)
+    out.index_add_(1, group, vals)
+    return out[0] if squeeze else out
 
 
 def _norm_dim(dim: int, ndim: int) -> int:
@@ -225,14 +238,7 @@ class GroupIncidence:
 
     def segment_sum(self, cells: Tensor, signed: bool = True) -> Tensor:
         """[q, n]: out[q, i] = sum over the triples (c, i, s) of s * cells[q, c] (|s| = 1 when not signed)."""
-        squeeze = cells.ndim == 1
-        cells = cells.reshape(1, -1) if squeeze else cells
-        vals = cells.index_select(1, self.cell)
-        if signed:
-            vals = vals * self.sign.to(vals.dtype)
-        out = torch.zeros((cells.shape[0], self.n), dtype=cells.dtype, device=cells.device)
-        out.index_add_(1, self.group, vals)
-        return out[0] if squeeze else out
+        return segment_sum(cells, self.cell, self.group, self.sign, self.n, signed)
 
     def reduce_many(self, factors: Callable[[str], Sequence[Factor]], n: int, signed: bool = True) -> Tensor:
         """[n, groups] float64: per group sum_{A_i} D_i x y (or |D_i|) for each of the n factors."""
