@@ -88,7 +88,8 @@ def reduce_products(table: CellTable, products: Sequence[Product], fields: Field
         if not wanted:
             continue
         rows = [pairs.index((p.left, p.right)) for p in wanted]
-        picked = cells if rows == list(range(len(pairs))) else cells[torch.tensor(rows, device=cells.device)]
+        # rows picked by slicing, not by an index tensor built from a list (a host-to-device copy on CUDA)
+        picked = cells if rows == list(range(len(pairs))) else torch.stack([cells[r] for r in rows])
         sums = table.segment_sum(picked, signed=signed)
         res.update({p.name: sums[i] for i, p in enumerate(wanted)})
     return res

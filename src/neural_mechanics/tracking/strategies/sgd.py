@@ -99,9 +99,9 @@ class _Charge:
     def start(self, inp: Mapping[str, Tensor]) -> None:
         """Build the recurrences at the first step from the measured charge (and existing momentum buffers)."""
         C0 = inp["C"]
-        started = torch.tensor([self.sgd.buffer(s.members[0].param) is not None for s in self.fam.syms],
-                               dtype=torch.bool, device=self.sgd.device)
-        overlap0 = inp["overlap"] if bool(started.any()) else None
+        flags = [self.sgd.buffer(s.members[0].param) is not None for s in self.fam.syms]
+        started = _bools(flags, self.sgd.device)
+        overlap0 = inp["overlap"] if any(flags) else None
         self.exact = self.recurrence(C0, overlap0=overlap0)
         self.breaking = self.recurrence(C0, overlap0=overlap0)
         for rec in (self.exact, self.breaking):
@@ -236,6 +236,13 @@ class _LinearCharge(_Charge):
 
 def _num(v: Any) -> float:
     return float(v.item()) if isinstance(v, Tensor) else float(v)
+
+
+def _bools(flags: list[bool], device: torch.device) -> Tensor:
+    """bool [len(flags)] on `device`; all-equal flags (the usual case) without a host-to-device copy."""
+    if all(flags) or not any(flags):
+        return torch.full((len(flags),), bool(flags and flags[0]), dtype=torch.bool, device=device)
+    return torch.tensor(flags, dtype=torch.bool, device=device)
 
 
 @register_strategy(torch.optim.SGD)
