@@ -134,7 +134,7 @@ def test_already_sharded_models_and_fsdp1_are_refused(single_rank_group, tmp_pat
 
     with pytest.warns(UserWarning):  # world size 1: FSDP1 falls back to NO_SHARD but is still the wrapper
         wrapped = FullyShardedDataParallel(torch.nn.Linear(3, 2), device_id=torch.device("cpu"))
-    with pytest.raises(TrackerError, match="FSDP1.*FullyShardedDataParallel") as info:
+    with pytest.raises(TrackerError, match=r"FSDP1.*FullyShardedDataParallel") as info:
         check_not_sharded(wrapped)
     assert "fully_shard" in (info.value.fix or "")
     check_not_sharded(torch.nn.Linear(3, 2))  # plain modules pass
