@@ -65,6 +65,20 @@ class TrackerConfig:
     kinds: tuple[str, ...] = ("translation", "scale", "rescale")
 
 
+#: `distributed.strategy` values: how the model is spread over the ranks of a torchrun run.
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How a run under torchrun (WORLD_SIZE > 1) spreads the model: "ddp" (DistributedDataParallel: a replica per
+    rank) or "fsdp2" (torch.distributed.fsdp.fully_shard: every parameter sharded by rows; sharded checkpoints).
+    One process ignores it, except that "fsdp2" keeps its checkpoint format (so a run can move between world
+    sizes). docs/distributed.md."""
+
+    strategy: str = "ddp"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. Exactly one of `steps` and `epochs` is set; eval/checkpoint intervals are in steps
@@ -87,6 +101,7 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str | None = None  # None: runs/<name>
     description: str = ""
 
@@ -140,6 +155,15 @@ def _validate(c: TrainConfig) -> None:
             "a step schedule needs milestones or step_size",
             "set schedule.milestones (e.g. [30, 60]) or schedule.step_size",
         )
+    strategy = c.distributed.strategy
+    check(strategy not in ("fsdp", "fsdp1"), "distributed.strategy",
+          f"{strategy!r} (FSDP1, FullyShardedDataParallel) is not supported: its flat parameters hide which rows a "
+          "rank holds, so the tracker cannot follow them", "use fsdp2 (fully_shard) or ddp")
+    check(strategy in DISTRIBUTED_STRATEGIES, "distributed.strategy", f"unknown strategy {strategy!r}",
+          f"use one of {', '.join(DISTRIBUTED_STRATEGIES)}")
+    check(not (strategy == "fsdp2" and c.precision == "fp16"), "precision",
+          "fp16 with distributed.strategy=fsdp2 is not supported (its gradient scaler is not shard-aware)",
+          "use precision bf16 (or fp32) with fsdp2")
     t = c.tracker
     check(t.log_every >= 1, "tracker.log_every", f"must be >= 1, got {t.log_every}", "e.g. 10")
     unknown = [k for k in t.kinds if k not in KINDS]
@@ -182,17 +206,32 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return config
 
 
+def config_defaults(cls: type = TrainConfig) -> dict[str, Any]:
+    """Every key's default as a nested plain dict (what a config written before a key existed meant by leaving it
+    out); keys without a default are left out."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = config_defaults(type(value)) if dataclasses.is_dataclass(value) else _plain(value)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple | list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     """A plain (YAML/JSON-serialisable) dict; `config_from_dict(config_to_dict(c)) == c`."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple | list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(config))  # type: ignore[no-any-return]
+    return _plain(dataclasses.asdict(config))  # type: ignore[no-any-return]
 
 
 def dump_config(config: TrainConfig) -> str:
