@@ -11,11 +11,11 @@ The paper's runs ship as YAML files in `experiments/configs/` (`list_configs()`;
 finds a shipped config by name). Schedules are given in steps or epochs (`schedule.unit`);
 `lr_multiplier` states the schedule formulas so the training loop and tests share one definition.
 
-The `optimizer` and `dataset` sections belong to their registries (`OptimizerConfig` in
-`experiments.optimizers`, `DatasetConfig` in `experiments.datasets`): a name is valid when it is registered, and
-each optimizer or dataset validates the keys it reads. The mapping -> dataclass machinery is
-`experiments.schema`. A key added to a section needs a default that keeps every existing config meaning what
-it meant.
+The `optimizer`, `dataset` and `loss` sections belong to their registries (`OptimizerConfig` in
+`experiments.optimizers`, `DatasetConfig` in `experiments.datasets`, `LossConfig` in `experiments.objectives`): a
+name is valid when it is registered, and each optimizer or dataset validates the keys it reads. The mapping ->
+dataclass machinery is `experiments.schema`. A key added to a section needs a default that keeps every existing
+config meaning what it meant.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import yaml
 
 from neural_mechanics.errors import ConfigError
 from neural_mechanics.experiments.datasets import DatasetConfig, validate_dataset_config
+from neural_mechanics.experiments.objectives import LossConfig
 from neural_mechanics.experiments.optimizers import OptimizerConfig, validate_optimizer
 from neural_mechanics.experiments.schema import check, from_mapping, unknown_key
 from neural_mechanics.symmetry.kinds import KINDS
@@ -88,6 +89,7 @@ class TrainConfig:
     model: str = "digits-vgg-bn"
     num_classes: int | None = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     batch_size: int = 128
     steps: int | None = None
     epochs: float | None = None
@@ -206,32 +208,17 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return config
 
 
-def config_defaults(cls: type = TrainConfig) -> dict[str, Any]:
-    """Every key's default as a nested plain dict (what a config written before a key existed meant by leaving it
-    out); keys without a default are left out."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            value = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-        else:
-            continue
-        out[f.name] = config_defaults(type(value)) if dataclasses.is_dataclass(value) else _plain(value)
-    return out
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, tuple | list):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
-
-
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     """A plain (YAML/JSON-serialisable) dict; `config_from_dict(config_to_dict(c)) == c`."""
-    return _plain(dataclasses.asdict(config))  # type: ignore[no-any-return]
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))  # type: ignore[no-any-return]
 
 
 def dump_config(config: TrainConfig) -> str:
@@ -288,6 +275,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
                     f"write --set {prefix + part}=VALUE",
                 )
             existing = node.get(part)
+            if isinstance(existing, str) and "name" in {f.name for f in dataclasses.fields(sub)}:
+                existing = {"name": existing}  # `loss: mse` (the shorthand), then --set loss.class_dim=...
+                node[part] = existing
             if not isinstance(existing, dict):
                 existing = {}
                 node[part] = existing
