@@ -66,8 +66,10 @@ def test_sync_detector_flags_host_reads():
 
 
 def test_tracker_hooks_do_not_sync_between_log_steps(llama, small):
-    assert gc.check_host_syncs(small, steps=7, log_every=5) == []  # SGD with momentum and weight decay
-    assert gc.check_host_syncs(llama, steps=7, log_every=5) == []  # AdamW under bf16 autocast
+    log_found: list[tuple[int, str]] = []
+    assert gc.check_host_syncs(small, steps=7, log_every=5, log_found=log_found) == []  # SGD, momentum, wd
+    assert gc.check_host_syncs(llama, steps=7, log_every=5, log_found=log_found) == []  # AdamW, bf16 autocast
+    assert log_found == []  # on the CPU the log steps' transfer to the host is no copy at all
 
 
 def test_an_injected_sync_is_found_outside_log_steps_only(small, monkeypatch):
@@ -78,8 +80,10 @@ def test_an_injected_sync_is_found_outside_log_steps_only(small, monkeypatch):
         post(self)
 
     monkeypatch.setattr(Tracker, "_post", syncing_post)
-    found = gc.check_host_syncs(small, steps=7, log_every=5)
+    log_found: list[tuple[int, str]] = []
+    found = gc.check_host_syncs(small, steps=7, log_every=5, log_found=log_found)
     assert found == [(k, "aten._local_scalar_dense.default") for k in (1, 2, 3, 4, 6)]  # steps 0 and 5 log
+    assert log_found == [(k, "aten._local_scalar_dense.default") for k in (0, 5)]  # recorded, allowed
 
 
 def test_timing_harness_with_a_cpu_clock():
@@ -114,8 +118,9 @@ def test_report_format():
     assert table.splitlines() == ["model  ratio", "-----  -----", "vgg    1.023", "llama      -"]
     timing = gc.timing_section({"m": {"groups": 3.0, "untracked": 0.01, "tracked": 0.0105, "ratio": 1.05}})
     assert timing.splitlines()[-1].split() == ["m", "3", "10", "10.5", "1.05"]
-    syncs = gc.sync_section({"a": [], "b": [(3, "aten.nonzero.default")]}).splitlines()
-    assert syncs[-2].split() == ["a", "ok"] and syncs[-1].split()[1:] == ["1", "sync(s):", "step", "3:",
-                                                                          "aten.nonzero.default"]
+    syncs = gc.sync_section({"a": [], "b": [(3, "aten.nonzero.default")]},
+                            {"a": [(0, "x"), (5, "x"), (5, "y")], "b": []}).splitlines()
+    assert syncs[-2].split() == ["a", "ok", "2"] and syncs[-1].split()[1:] == ["1", "sync(s):", "step", "3:",
+                                                                               "aten.nonzero.default", "0"]
     errors = gc.errors_section({c: 1e-7 for c in gc.PREDICTIONS}, {}, "x").splitlines()
     assert errors[3].split() == ["predicted_exact", "1e-07", "-"]
