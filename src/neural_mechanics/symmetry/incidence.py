@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,7 +53,7 @@ Key = tuple[int, ...]
 Factor = Tensor | tuple[Tensor, Tensor] | None
 """One quantity of one parameter for `GroupIncidence.cells`: a field, a pair whose product is summed, or None (0)."""
 
-__all__ = ["CellBlock", "Factor", "GroupIncidence", "Key", "block_sums", "reduce_onto", "segment_sum"]
+__all__ = ["CellBlock", "Factor", "GroupIncidence", "Key", "block_sums", "fill_cells", "reduce_onto", "segment_sum"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,31 @@ def _shape_of(v: Tensor | torch.Size | Sequence[int]) -> tuple[int, ...]:
     return tuple(v.shape) if isinstance(v, Tensor) else tuple(int(n) for n in v)
 
 
+def fill_cells(by_param: Mapping[str, Sequence[Any]], total_cells: int, device: torch.device | str,
+               factors: Callable[[str], Sequence[Factor]], n: int, dtype: torch.dtype = torch.float64,
+               read: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """[n, total_cells]: out[q, b.offset : b.offset + b.n_cells] = the sums of factors(param)[q] (x, or x * y for
+    a pair) onto block b's key, for every block b (with .key, .offset, .n_cells) of every parameter in `by_param`.
+
+    `read` maps each factor to the tensor to sum (a rank's local shard, for sharded tables); a factor that reads
+    as empty leaves its cells 0 (a sum over no entries).
+    """
+    out = torch.zeros((n, total_cells), dtype=dtype, device=device)
+    for name, blocks in by_param.items():
+        keys = [b.key for b in blocks]
+        for q, fac in enumerate(factors(name)):
+            if fac is None:
+                continue
+            x, y = fac if isinstance(fac, tuple) else (fac, None)
+            if read is not None:
+                x, y = read(x), None if y is None else read(y)
+            if x.numel() == 0:
+                continue
+            for b, t in zip(blocks, block_sums(x, y, keys, dtype), strict=True):
+                out[q, b.offset:b.offset + b.n_cells] = t
+    return out
+
+
 class GroupIncidence:
     """All groups of a symmetry list (ids = positions) compiled against concrete parameter shapes.
 
@@ -225,16 +251,7 @@ class GroupIncidence:
         `factors(name)` is called once per touched parameter and returns n items (None = identically zero);
         each product is formed once and reduced onto every key of that parameter (`block_sums`).
         """
-        out = torch.zeros((n, self.total_cells), dtype=dtype, device=self.device)
-        for name, blocks in self.by_param.items():
-            keys = [b.key for b in blocks]
-            for q, fac in enumerate(factors(name)):
-                if fac is None:
-                    continue
-                x, y = fac if isinstance(fac, tuple) else (fac, None)
-                for b, t in zip(blocks, block_sums(x, y, keys, dtype), strict=True):
-                    out[q, b.offset:b.offset + b.n_cells] = t
-        return out
+        return fill_cells(self.by_param, self.total_cells, self.device, factors, n, dtype)
 
     def segment_sum(self, cells: Tensor, signed: bool = True) -> Tensor:
         """[q, n]: out[q, i] = sum over the triples (c, i, s) of s * cells[q, c] (|s| = 1 when not signed)."""

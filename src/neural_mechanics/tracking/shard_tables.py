@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from neural_mechanics.errors import TrackerError
-from neural_mechanics.symmetry.incidence import Factor, GroupIncidence, Key, block_sums, segment_sum
+from neural_mechanics.symmetry.incidence import Factor, GroupIncidence, Key, fill_cells, segment_sum
 from neural_mechanics.tracking.sharding import is_dtensor
 
 __all__ = ["LocalBlock", "LocalIncidence", "ShardBox", "local", "shard_box"]
@@ -145,20 +145,7 @@ class LocalIncidence:
 
     def cells(self, factors: Callable[[str], Sequence[Factor]], n: int, dtype: torch.dtype = torch.float64) -> Tensor:
         """[n, total_cells]: `GroupIncidence.cells` over this rank's blocks (DTensor factors are read locally)."""
-        out = torch.zeros((n, self.total_cells), dtype=dtype, device=self.device)
-        for name, blocks in self.by_param.items():
-            keys = [b.key for b in blocks]
-            for q, fac in enumerate(factors(name)):
-                if fac is None:
-                    continue
-                x, y = fac if isinstance(fac, tuple) else (fac, None)
-                x = local(x)
-                if x.numel() == 0:  # a rank without entries of this parameter: its cells stay 0
-                    continue
-                sums = block_sums(x, None if y is None else local(y), keys, dtype)
-                for b, t in zip(blocks, sums, strict=True):
-                    out[q, b.offset:b.offset + b.n_cells] = t
-        return out
+        return fill_cells(self.by_param, self.total_cells, self.device, factors, n, dtype, read=local)
 
     def segment_sum(self, cells: Tensor, signed: bool = True) -> Tensor:
         """[q, n]: this rank's partial per-group sums of `cells` (the global table's rule on the local triples)."""
