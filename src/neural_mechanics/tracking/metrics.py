@@ -22,8 +22,9 @@ import pandas as pd
 
 from neural_mechanics.theory.applicability import PREDICTION_KINDS
 
-__all__ = ["LAYER_AGGREGATES", "PREDICTION_COLUMNS", "RELATIVE_ERROR_FLOOR", "error_column", "error_denominator",
-           "layer_rows", "prediction_column", "relative_error", "relative_errors"]
+__all__ = ["EQUILIBRIUM_COLUMNS", "LAYER_AGGREGATES", "PREDICTION_COLUMNS", "RELATIVE_ERROR_FLOOR",
+           "angular_update_ratio", "error_column", "error_denominator", "layer_rows", "prediction_column",
+           "relative_error", "relative_errors"]
 
 RELATIVE_ERROR_FLOOR = 1e-6
 """Relative errors divide by max(norm_k, RELATIVE_ERROR_FLOOR * max_{j <= k} norm_j) (j over the group's logged steps).
@@ -51,10 +52,17 @@ def error_column(prediction: str) -> str:
     return "err_" + prediction.removeprefix("predicted_")
 
 
+EQUILIBRIUM_COLUMNS = ("predicted_equilibrium", "angular_update_eq", "relaxation_time", "update_ratio")
+"""Columns of the groups frame on the weight-decay equilibrium of scale groups (`tracking/rows.py` says what each
+holds; NaN where the theory has no prediction, with the reason in the manifest's "equilibrium")."""
+
 LAYER_AGGREGATES = ("step", "layer", "kind", "n_groups", "n_valid", "mean_charge",
                     *(f"{error_column(c)}_{stat}" for c in PREDICTION_COLUMNS for stat in ("max", "median")),
-                    "grad_norm", "angular_update_median", "effective_lr_median", "lr")
-"""Columns of the layers frame (one row per logged step, layer and kind), in order."""
+                    "grad_norm", "angular_update_median", "effective_lr_median", "lr",
+                    "angular_update_eq_median", "equilibrium_ratio_median", "update_ratio_median", "relaxation_time")
+"""Columns of the layers frame (one row per logged step, layer and kind), in order. The last four are over the
+layer's scale groups: medians of angular_update_eq, of measured / predicted_equilibrium and of update_ratio, and
+the median relaxation_time."""
 
 
 def error_denominator(norm: np.ndarray, norm_max: np.ndarray, floor: float = RELATIVE_ERROR_FLOOR) -> np.ndarray:
@@ -134,4 +142,31 @@ def layer_rows(df: pd.DataFrame) -> dict[str, list[Any]]:
             out["effective_lr_median"].append(float(np.nanmedian(g["eff_lr"].to_numpy())) if kind == "scale"
                                               else math.nan)
             out["lr"].append(float(np.nanmedian(g["lr"].to_numpy())))
+            scale = kind == "scale"
+            for name, values in (("angular_update_eq_median", g["angular_update_eq"]),
+                                 ("equilibrium_ratio_median", g["measured"] / g["predicted_equilibrium"]),
+                                 ("update_ratio_median", g["update_ratio"]),
+                                 ("relaxation_time", g["relaxation_time"])):
+                out[name].append(float(np.nanmedian(values.to_numpy(dtype=np.float64))) if scale else math.nan)
+    return out
+
+
+def angular_update_ratio(frame: pd.DataFrame, last: float = 0.3) -> pd.DataFrame:
+    """Per scale group, measured against predicted equilibrium angle over the last `last` fraction of logged steps.
+
+    ratio = sqrt(mean angular_update^2) / sqrt(mean angular_update_eq^2) over the group's rows with step >= the
+    cut (first logged step + (1 - last) * span); the prediction is for the mean-square angle (`theory/rotational.py`).
+    Returns group, layer, measured, predicted, ratio (groups without a prediction are left out); the run's figure
+    of merit is the median of `ratio` over groups.
+    """
+    df = frame[(frame["kind"] == "scale") & frame["angular_update_eq"].notna() & frame["angular_update"].notna()]
+    if df.empty:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in (("group", object), ("layer", object),
+                            ("measured", float), ("predicted", float), ("ratio", float))})
+    lo, hi = int(frame["step"].min()), int(frame["step"].max())
+    df = df[df["step"] >= lo + (1 - last) * (hi - lo)]
+    rms = df.assign(m2=df["angular_update"] ** 2, p2=df["angular_update_eq"] ** 2).groupby(
+        ["group", "layer"], sort=False)[["m2", "p2"]].mean()
+    out = pd.DataFrame({"measured": np.sqrt(rms["m2"]), "predicted": np.sqrt(rms["p2"])}).reset_index()
+    out["ratio"] = out["measured"] / out["predicted"]
     return out
