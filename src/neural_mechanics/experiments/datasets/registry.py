@@ -28,13 +28,15 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from neural_mechanics.errors import ConfigError, DatasetError
+from neural_mechanics.experiments.datasets.label_noise import NoisyLabels
 from neural_mechanics.experiments.schema import changed_fields
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
-#: Keys of the dataset section that every dataset honours (the loader reads them, not the builder).
-COMMON_KEYS: tuple[str, ...] = ("name", "eval_split", "num_workers")
+#: Keys of the dataset section that every dataset honours (the loader reads them, not the builder; `label_noise` is
+#: applied by `load_dataset` to the train split of any dataset).
+COMMON_KEYS: tuple[str, ...] = ("name", "eval_split", "num_workers", "label_noise")
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +64,7 @@ class DatasetConfig:
     augment: bool | None = None  # None: the dataset's default (crop + flip on the train split of image datasets)
     eval_split: Literal["val", "test"] = "test"
     num_workers: int = 0
+    label_noise: float = 0.0  # fraction of training labels replaced by uniform random ones, fixed by the seed
 
     def __post_init__(self) -> None:
         try:
@@ -167,6 +170,9 @@ def validate_dataset_config(cfg: DatasetConfig) -> None:
     """The value checks of the dataset section: the loader's own, then the dataset spec's."""
     if cfg.num_workers < 0:
         raise ConfigError("dataset.num_workers: must be >= 0", "use 0 to load in the main process")
+    if not 0 <= cfg.label_noise < 1:
+        raise ConfigError(f"dataset.label_noise: must be in [0, 1), got {cfg.label_noise}",
+                          "give the fraction of training labels to randomise, e.g. 0.3 (0 = clean labels)")
     get_dataset(cfg.name).check(cfg)
 
 
@@ -187,6 +193,7 @@ def load_dataset(
     num_samples: int | None = None,
     input_shape: Sequence[int] = (3, 32, 32),
     num_classes: int = 10,
+    label_noise: float = 0.0,
 ) -> DatasetInfo:
     """Load split `split` of dataset `name` (a registered name such as "digits", "tinyimagenet", "cifar10",
     "cifar100", "synthetic"; `dataset_names()` lists them).
@@ -196,6 +203,8 @@ def load_dataset(
     seed: augmentation seed, digits' train/test split, synthetic data. "val" and "test" are the same held-out split
     for datasets that have only one (CIFAR's test batch, digits' test part, Tiny ImageNet's labelled val).
     test_fraction: digits only. num_samples (default 512 train / 128 otherwise), input_shape, num_classes: synthetic.
+    label_noise: the fraction of the train split's labels replaced by uniform random ones, drawn once from `seed`
+    (`datasets/label_noise.py`; other splits are never changed).
     """
     spec = get_dataset(name)
     if split not in SPLITS:
@@ -210,11 +219,15 @@ def load_dataset(
         input_shape=tuple(input_shape),
         num_classes=num_classes,
     )
-    return spec.build(split, options)
+    info = spec.build(split, options)
+    if label_noise and split == "train":
+        noisy = NoisyLabels(info.dataset, label_noise, info.num_classes, seed)
+        info = DatasetInfo(noisy, info.num_classes, info.input_shape, info.name, info.split, info.classes)
+    return info
 
 
 def dataset_from_config(cfg: DatasetConfig, split: Split, *, seed: int) -> DatasetInfo:
     """Split `split` of the dataset a config section names, seeded by the run's seed (`cfg.augment` applies to the
     train split; held-out splits take the default, i.e. no augmentation)."""
     return load_dataset(cfg.name, cfg.root, split=split, augment=cfg.augment if split == "train" else None,
-                        seed=seed)
+                        seed=seed, label_noise=cfg.label_noise)
