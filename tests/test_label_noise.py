@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neural_mechanics.errors import ConfigError
+from neural_mechanics.errors import ConfigError, DatasetError
 from neural_mechanics.experiments.config import load_config
 from neural_mechanics.experiments.datasets import load_dataset
 from neural_mechanics.experiments.datasets.label_noise import NoisyLabels
@@ -56,3 +56,8 @@ def test_label_noise_from_the_shipped_config_and_its_bounds():
     for bad in ("1.0", "-0.1"):
         with pytest.raises(ConfigError, match="label_noise"):
             load_config("digits-adamw-noisy", [f"dataset.label_noise={bad}"])
+
+
+def test_label_noise_on_targets_that_are_not_class_labels_is_a_dataset_error():
+    with pytest.raises(DatasetError, match="not class labels"):
+        load_dataset("synthetic", targets="regression", num_samples=8, label_noise=0.3)
