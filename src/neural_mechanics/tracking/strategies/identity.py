@@ -100,6 +100,8 @@ class IdentityStrategy(Strategy):
         """Member parameter name -> its param group (None: not in the optimizer)."""
         self.fields = Fields(self.params, {"update": self._update, "noise_unit": self._noise_unit,
                                            "rho_unit": self._rho_unit})
+        self._requested: list[tuple[Mapping[str, Tensor], Mapping[str, Tensor] | None]] = []
+        """Per family, the pre hook's sums (and the model's, at the first step) until they are used."""
 
     # ---- what a subclass says -------------------------------------------------------------------------
     def update(self, name: str, param: nn.Parameter, group: Mapping[str, Any]) -> Tensor | None:
@@ -146,9 +148,9 @@ class IdentityStrategy(Strategy):
     def _decay(self, ch: _Family) -> Tensor:
         return self._per_group(ch, [decoupled_decay(self.optimizer, pg) for pg in self.optimizer.param_groups])
 
-    def _build_model(self, ch: _Family, ctx: StepContext) -> _Model:
-        """The equilibrium model of every group, from the param groups at its first step (betas, shapes)."""
-        out = ctx.reduce(ch.fam, [_NOISE, _RHO], self.fields)
+    def _build_model(self, ch: _Family, out: Mapping[str, Tensor]) -> _Model:
+        """The equilibrium model of every group, from the param groups at its first step (betas, shapes) and the
+        sums `out` of the _NOISE and _RHO products."""
         filters = [self.momentum_filter(pg) for pg in self.optimizer.param_groups]
         verdicts = [equilibrium(self.optimizer, pg).applies for pg in self.optimizer.param_groups]
         rho = out["rho_noise"] / out["noise"].clamp_min(1e-300)
@@ -162,20 +164,34 @@ class IdentityStrategy(Strategy):
         return [fam.pairing("X", "update"), *([_U] if fam.quadratic else [])]
 
     def pre_step(self, ctx: StepContext, applies: Applies) -> None:
-        for ch, hp, masks in zip(self.charges, ctx.hypers, applies.masks, strict=True):
-            fam, first = ch.fam, ch.pred is None
-            need: list[Product] = []
-            if first or ctx.log:
-                need.append(fam.charge)
-            if ctx.log:
-                need += [fam.norm_sq, fam.grad_sq]
-            if self.phase == "pre":
-                need += self._products(fam)
-            out = ctx.reduce(fam, need, self.fields) if need else {}
-            if first:
-                ch.pred = IdentityPrediction(out["C"], fam.quadratic)
-            if ch.model is None:
-                ch.model = self._build_model(ch, ctx)
+        """Request the pre-hook sums of every family in one bracket: `ctx.batch()` when they are read now (phase
+        "pre"), `ctx.defer()` when they are first read at the post hook (phase "post"); sharded, that is one
+        all_reduce per step in both cases (`strategies/base.py`)."""
+        requested: list[tuple[Mapping[str, Tensor], Mapping[str, Tensor] | None]] = []
+        with ctx.batch() if self.phase == "pre" else ctx.defer():
+            for ch in self.charges:
+                fam, first = ch.fam, ch.pred is None
+                need: list[Product] = []
+                if first or ctx.log:
+                    need.append(fam.charge)
+                if ctx.log:
+                    need += [fam.norm_sq, fam.grad_sq]
+                if self.phase == "pre":
+                    need += self._products(fam)
+                out = ctx.reduce(fam, need, self.fields) if need else {}
+                model = ctx.reduce(fam, [_NOISE, _RHO], self.fields) if ch.model is None else None
+                requested.append((out, model))
+        self._requested = requested
+        if self.phase == "pre":
+            self._take_pre(ctx, applies)
+
+    def _take_pre(self, ctx: StepContext, applies: Applies) -> None:
+        """Use the pre-hook sums (final now): start the prediction, build the model, the log step's row."""
+        for ch, hp, masks, (out, model) in zip(self.charges, ctx.hypers, applies.masks, self._requested, strict=True):
+            if ch.pred is None:
+                ch.pred = IdentityPrediction(out["C"], ch.fam.quadratic)
+            if model is not None:
+                ch.model = self._build_model(ch, model)
             ch.pending = self._row(ch, out, hp.lr, masks) if ctx.log else None
             ch.charge = out.get("C")
             if self.phase == "pre":
@@ -183,13 +199,16 @@ class IdentityStrategy(Strategy):
 
     def post_step(self, ctx: StepContext, applies: Applies) -> list[Row | None] | None:
         if self.phase == "post":
-            for ch, hp in zip(self.charges, ctx.hypers, strict=True):
-                out = ctx.reduce(ch.fam, self._products(ch.fam), self.fields)
+            with ctx.batch():  # the post sums, and with them the deferred pre sums: one collective when sharded
+                posts = [ctx.reduce(ch.fam, self._products(ch.fam), self.fields) for ch in self.charges]
+            self._take_pre(ctx, applies)
+            for ch, hp, out in zip(self.charges, ctx.hypers, posts, strict=True):
                 X, U = out["X"], out.get("U")
                 if U is not None:  # quadratic: <D theta_k, u> from <D theta_{k+1}, u>, a theta_k = theta_{k+1} + eta u
                     lr = torch.as_tensor(hp.lr, dtype=torch.float64, device=self.device)
                     X = (X + lr * U) / self._decay_factor(ch, hp.lr)
                 self._advance(ch, hp.lr, X, U)
+        self._requested = []
         if not ctx.log:
             return None
         rows: list[Row | None] = [ch.pending for ch in self.charges]
