@@ -18,9 +18,10 @@ The columns of a row logged at step s (the groups table, `store.GROUP_COLUMNS`):
     angular_update  |theta_{s+1} - theta_s| / |theta_s| (scale groups)
     valid           the group is inside the theory (its predictions apply)
 
-`RowEmitter` turns the rows of a log step into host frames: one `torch.stack(...).cpu()` per family, the group /
-kind / layer labels, the running max of each group's norm (the relative-error floor, `tracking/metrics.py`) and
-the per-layer aggregates; the tracker hands both to its sink.
+`RowEmitter` turns the rows of a log step into host frames: one `torch.stack(...).cpu()` per family, the values
+as the run store keeps them (`encoding.roundtrip`: float32 where the precision budget allows), the group / kind /
+layer labels, the running max of each group's norm (the relative-error floor, `tracking/metrics.py`) and the
+per-layer aggregates, computed from those stored values; the tracker hands both to its sink.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from neural_mechanics.tracking.encoding import roundtrip
 from neural_mechanics.tracking.families import ChargeFamily
 from neural_mechanics.tracking.metrics import PREDICTION_COLUMNS, layer_rows
 
@@ -72,6 +74,7 @@ class RowEmitter:
             cols = list(row)
             block = torch.stack([row[c] for c in cols]).cpu().numpy()
             data: dict[str, Any] = {c: block[j] for j, c in enumerate(cols)}
+            data.update(roundtrip(data))  # the values as stored: the layers table agrees with the stored rows
             data["valid"] = data["valid"] > 0.5
             self.norm_max[i] = np.fmax(self.norm_max[i], np.abs(data["norm"]))
             data["norm_max"] = self.norm_max[i].copy()
