@@ -52,6 +52,14 @@ class OnlyFrame:
         return self._df
 
 
+def test_prediction_error_of_a_run_whose_predictions_are_exact_everywhere_is_a_note_not_a_crash(run):
+    # e.g. a run of a few steps logged only where every prediction starts from the measured charge
+    df = run.frame()[["step", "group", "kind", "layer", "measured"]].copy()
+    df["predicted_exact"] = df["measured"]
+    with pytest.raises(FigureUnavailable, match="equals the measured charge at every logged step"):
+        F.fig_prediction_error(OnlyFrame(df))
+
+
 # ---- source ---------------------------------------------------------------------------------------
 def test_load_run_accepts_minimal_object_and_fills_missing_columns(run):
     df = run.frame()[["step", "group", "kind", "layer", "measured", "predicted_exact"]].copy()

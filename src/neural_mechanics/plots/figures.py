@@ -213,6 +213,10 @@ def fig_prediction_error(run: Any, predictions: Sequence[str] = PREDICTION_COLUM
                                       if not v.get("applies")))
         raise FigureUnavailable("prediction error: the run holds no predictions" + (f" ({why})" if why else ""))
     err = group_errors(groups, tuple(cols), floor=floor)
+    names = ["err_" + c.removeprefix("predicted_") for c in cols]
+    if not (err[names] > 0).to_numpy().any():  # a log axis with nothing on it cannot be drawn
+        raise FigureUnavailable("prediction error: every prediction equals the measured charge at every logged step "
+                                "(a run this short has no error to draw)")
     kinds = view.kinds()
     with style():
         fig = new_figure(ncols=len(kinds), width=4.0, height=3.2)

@@ -191,7 +191,21 @@ def _err_class(v: float) -> str:
     return "err-good" if v < 1e-4 else "err-mid" if v < 1e-2 else "err-bad"
 
 
+def missing_predictions(run: Any) -> str | None:
+    """Why the run holds no predictions (the tracker's reason for the optimizer, e.g. AdamW: no exact theory), or
+    None when it has them or gave no reason."""
+    view = load_run(run)
+    reason = view.manifest.get("not_applicable")
+    return str(reason) if reason else None
+
+
 def _error_table(view: RunView) -> str:
+    reason = missing_predictions(view)
+    note = f"<p class='meta'><strong>No predictions for this run:</strong> {_e(reason)}.</p>" if reason else ""
+    return note + _error_rows(view)
+
+
+def _error_rows(view: RunView) -> str:
     try:
         table = F.error_table(view)
     except FigureUnavailable as exc:
