@@ -117,7 +117,7 @@ def test_a_kill_during_a_flush_leaves_only_hidden_temp_files(tmp_path):
     run_dir = tmp_path / "r"
     run_training(cfg, run_dir=run_dir, progress=False, stop_after=10)
     before = open_run(run_dir).frame()
-    (run_dir / "groups" / ".part-000099.parquet.tmp-12345").write_bytes(b"PAR1 half a file")
+    (run_dir / "charges" / ".part-000099.parquet.tmp-12345").write_bytes(b"PAR1 half a file")
     (run_dir / f".{CHECKPOINT}.tmp-12345").write_bytes(b"half a checkpoint")
     pd.testing.assert_frame_equal(before, open_run(run_dir).frame())
     run_training(cfg, run_dir=run_dir, resume=True, progress=False)

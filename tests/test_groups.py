@@ -74,3 +74,22 @@ def test_bad_groups_are_rejected_with_a_reason():
         overlap.check(params())
     with pytest.raises(ValueError, match="does not have"):
         Symmetry("scale", "m", (Member("zzz.weight"),)).check(params())
+
+
+def test_trusted_constructors_build_the_same_objects():
+    """`Member.trusted` / `Symmetry.trusted` skip the checks (detection builds ~100k members per model) but must
+    build objects equal to the checked constructors', with every dataclass field set: a field added to either
+    class and forgotten in `trusted` fails here."""
+    from dataclasses import fields
+
+    cases = [("conv.weight", None, None, None, None, None), ("conv.weight", 0, (3,), "in", None, None),
+             ("conv.weight", 0, (0, 1), "out", 1, (2, 5))]
+    for args in cases:
+        checked, fast = Member(*args), Member.trusted(*args)  # type: ignore[arg-type]
+        assert fast == checked and hash(fast) == hash(checked)
+        assert set(vars(fast)) == {f.name for f in fields(Member)}
+    members = (Member("a.weight", 0, (1,), "in"), Member("b.weight", 1, (1,), "out"))
+    checked_g = Symmetry("rescale", "rescale:a[1]", members, "a", ("a.weight[1]", "b.weight[:,1]"))
+    fast_g = Symmetry.trusted("rescale", "rescale:a[1]", members, "a", ("a.weight[1]", "b.weight[:,1]"))
+    assert fast_g == checked_g and fast_g.to_dict() == checked_g.to_dict()
+    assert set(vars(fast_g)) == {f.name for f in fields(Symmetry)}

@@ -62,7 +62,7 @@ def test_huge_learning_rate_stops_with_a_clear_message_and_keeps_rows(tmp_path, 
 
 def test_truncated_last_part_is_skipped_with_a_warning_and_resume_finishes(tmp_path, monkeypatch, capsys):
     run_dir = stopped_run(tmp_path)
-    parts = sorted((run_dir / "groups").glob("part-*.parquet"))
+    parts = sorted((run_dir / "charges").glob("part-*.parquet"))
     parts[-1].write_bytes(parts[-1].read_bytes()[:100])
     with pytest.warns(RuntimeWarning, match="corrupt or truncated last part"):
         open_run(run_dir).frame()
@@ -169,11 +169,11 @@ def test_full_disk_stops_the_run_and_flushed_rows_stay_readable(tmp_path, monkey
     real = store.atomic_write_table
     calls = {"n": 0}
 
-    def write_until_full(path, table):
+    def write_until_full(path, table, *options):
         calls["n"] += 1
-        if calls["n"] > 4:  # two checkpoints' worth of flushes (groups + layers + metrics), then the disk is full
+        if calls["n"] > 8:  # two checkpoints' flushes (steps + charges + layers + metrics), then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, table)
+        return real(path, table, *options)
 
     monkeypatch.setattr(store, "atomic_write_table", write_until_full)
     run_dir = tmp_path / "run"
@@ -304,9 +304,13 @@ def test_adam_predictions_not_applicable_and_breaking_term_measured(tmp_path, mo
                                                            "optimizer.lr=0.001", "steps=10"))
     assert code == 0, err
     run = open_run(run_dir)
-    assert "no exact theory" in run.manifest["not_applicable"]
+    verdicts = run.manifest["applicability"]  # Adam's strategy (docs/theory.md section 6): no conservation law,
+    assert not verdicts["predicted_exact"]["applies"] and "adaptive" in verdicts["predicted_exact"]["reason"]
+    assert not verdicts["predicted_paper"]["applies"]  # no continuous model,
+    assert verdicts["predicted_breaking"]["applies"]  # but the exact step identity with u from the optimizer state
     df = run.frame()
     assert df["predicted_exact"].isna().all() and df["predicted_paper"].isna().all()
+    assert df.loc[df["valid"], "predicted_breaking"].notna().all()
     stepped = df[df["step"] < 10]["breaking_term"]  # the final row (theta_10, no step after it) has none
     assert np.isfinite(stepped).all() and (stepped != 0).any()
 

@@ -127,7 +127,7 @@ def test_float64_training_is_exact_and_matches_reference(tmp_path, name):
                 assert abs(r["breaking_term"] - rec["B"][s.name]) <= 1e-10 * max(1.0, abs(rec["B"][s.name]))
                 if s.kind == "scale":   # angular update = the angle between theta_k and theta_{k+1}
                     ang = rec["angle"][s.name]
-                    assert abs(r["angular_update"] - ang) <= 1e-9 * ang + 1e-15
+                    assert abs(r["angular_update"] - ang) <= 1e-7 * ang + 1e-15  # stored as float32 (encoding.py)
 
 
 def _resume_case(tmp_path, split):
@@ -175,8 +175,8 @@ def test_resume_equals_uninterrupted(tmp_path, split):
     assert len(a) == len(b) and list(a["group"]) == list(b["group"]) and list(a["step"]) == list(b["step"])
     for col in ("measured", "predicted_exact", "predicted_breaking", "predicted_paper"):
         np.testing.assert_allclose(b[col].to_numpy(), a[col].to_numpy(), rtol=1e-12, atol=1e-14)
-    raw = pd.read_parquet(b_dir / "groups")                  # no duplicates even without open_run's dedupe
-    assert not raw.duplicated(["step", "group"]).any() and len(raw) == len(a)
+    raw = pd.read_parquet(b_dir / "charges")                 # no duplicates even without open_run's dedupe
+    assert not raw.duplicated(["step", "gid"]).any() and len(raw) == len(a)
     assert any("resumed at step" in n for n in open_run(b_dir).manifest["notes"])
 
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from neural_mechanics.errors import RunStoreError
 from neural_mechanics.experiments.distributed import barrier
+from neural_mechanics.tracking.store import TABLE_DIRS
 
 CHECKPOINT = "checkpoint.pt"
 SHARDED_STATE = "state.pt"
 """The file of a sharded checkpoint directory holding everything but the model and optimizer shards."""
 _SHARDED_NAME = re.compile(r"checkpoint-(\d+)")
-_TABLE_DIRS = ("groups", "layers", "metrics")
 
 #: The note a run directory gets when --resume finds no checkpoint to resume from.
 RESTART_NOTE = "resumed without a checkpoint (killed before the first one): restarted from step 0"
@@ -90,7 +90,7 @@ def has_run(path: Path) -> bool:
     if (path / "manifest.json").exists() or (path / CHECKPOINT).exists() or sharded_checkpoints(path):
         return True
     return any(any(p.name.startswith("part-") for p in (path / t).iterdir())
-               for t in _TABLE_DIRS if (path / t).is_dir())
+               for t in TABLE_DIRS if (path / t).is_dir())
 
 
 @dataclass(frozen=True)

@@ -52,16 +52,22 @@ def _key(param: str) -> str:
     return param[: -len(".weight")] if param.endswith(".weight") else param
 
 
-def _members(contribs: Iterable[Contribution]) -> tuple[Member, ...]:
+def _members(contribs: list[Contribution], scale: bool = False) -> tuple[Member, ...]:
     """Merge contributions into one Member per (param, dim, role); a whole-tensor member absorbs slices.
 
     Block contributions (grouped convolutions: `param[rows][sub]`) merge per (param, role, rows, sub dim)
     into one Member with the union of their sub indices; a whole-tensor member absorbs them too.
+    scale: the members of a scale group, which carry no role (merged as they are, the role set to None).
     """
-    contribs = list(contribs)
-    if len({(c.param, c.role) for c in contribs}) == len(contribs) and all(
-            c.sub is None and (c.index is None or len(c.index) == 1) for c in contribs):
-        return tuple(Member(c.param, c.dim, c.index, c.role) for c in contribs)  # one slice per param: as is
+    simple = True
+    seen = set()
+    for c in contribs:
+        if c.sub is not None or (c.index is not None and len(c.index) != 1) or (c.param, c.role) in seen:
+            simple = False
+            break
+        seen.add((c.param, c.role))
+    if simple:  # one slice per param: as is
+        return tuple(Member.trusted(c.param, c.dim, c.index, None if scale else c.role) for c in contribs)
     merged: dict[tuple[str, Role], dict[int | None, set[int]]] = defaultdict(dict)
     blocks: dict[tuple[str, Role, int, tuple[int, ...], int], set[int]] = {}
     for c in contribs:
@@ -72,15 +78,16 @@ def _members(contribs: Iterable[Contribution]) -> tuple[Member, ...]:
         per_dim.setdefault(c.dim, set()).update(c.index or ())
     out = []
     for (param, role), per_dim in merged.items():
+        r = None if scale else role
         if None in per_dim or len(per_dim) > 1:
-            out.append(Member(param, None, None, role))
+            out.append(Member.trusted(param, None, None, r))
             continue
         ((dim, idx),) = per_dim.items()
-        out.append(Member(param, dim, tuple(sorted(idx)), role))
-    whole = {(m.param, m.role) for m in out if m.dim is None}
+        out.append(Member.trusted(param, dim, tuple(sorted(idx)), r))
+    whole = {(param, role) for (param, role), per_dim in merged.items() if None in per_dim or len(per_dim) > 1}
     for (param, role, dim, rows, sub_dim), sub in blocks.items():
         if (param, role) not in whole:
-            out.append(Member(param, dim, rows, role, sub_dim, tuple(sorted(sub))))
+            out.append(Member.trusted(param, dim, rows, None if scale else role, sub_dim, tuple(sorted(sub))))
     return tuple(out)
 
 
@@ -101,9 +108,15 @@ def _chain(contribs: list[Contribution], extra: list[str]) -> tuple[str, ...]:
     lines: dict[str, list[int]] = {}
     readers: dict[str, list[int]] = {}
     for c in contribs:
-        (lines if c.role == "in" else readers).setdefault(c.event, []).extend(c.index or ())
+        into = lines if c.role == "in" else readers
+        ix = into.get(c.event)
+        if ix is None:
+            into[c.event] = list(c.index) if c.index else []
+        elif c.index:
+            ix.extend(c.index)
     steps = [_fill(t, ix) for t, ix in lines.items()]
-    steps += list(dict.fromkeys(extra))
+    if extra:
+        steps += dict.fromkeys(extra)
     steps += [_fill(t, ix) for t, ix in readers.items()]
     if len(steps) > MAX_CHAIN:
         steps = [*steps[:MAX_CHAIN], f"... ({len(steps) - MAX_CHAIN} more steps)"]
@@ -111,33 +124,54 @@ def _chain(contribs: list[Contribution], extra: list[str]) -> tuple[str, ...]:
 
 
 def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
-    uf = a.uf
-    by_root = oriented_classes(a)
-    normalisers: dict[int, list[str]] = defaultdict(list)
-    for s, events in a.normalised.items():
-        normalisers[uf.find(s)].extend(events)
-    couplings: dict[int, list[str]] = defaultdict(list)
-    for s, text in a.couplings:
-        couplings[uf.find(s)].append(text)
+    """One group per channel class with writers (see the module docstring), in order of first contribution.
 
+    This runs once per class of the whole model (tens of thousands), so it is written for speed: class roots
+    for every slot at once (`UnionFind.roots`), names made unique with a counter, members and groups built with
+    their trusted constructors (the values are valid by construction), and the most common class - one writer
+    slice, absorbed by a normaliser (a conv channel before BatchNorm) - without the general merging.
+    """
+    root = a.uf.roots()
+    by_root = oriented_classes(a)  # roles as seen from each class's own factor (tied parameters flip them)
+    normalisers: dict[int, list[str]] = {}
+    for s, events in a.normalised.items():
+        normalisers.setdefault(root[s], []).extend(events)
+    couplings: dict[int, list[str]] = {}
+    for s, text in a.couplings:
+        couplings.setdefault(root[s], []).append(text)
+
+    keys: dict[str, str] = {}
+    layers: dict[str, str] = {}
     groups: list[Symmetry] = []
-    used: set[str] = set()
+    used: dict[str, int] = {}
+    """stem -> how many names start with it ("stem", then "stem#1", "stem#2", ...)."""
     unused = 0
     overlaps: list[str] = []
+    trusted_member, trusted_group = Member.trusted, Symmetry.trusted
     for r, contribs in by_root.items():
-        writers = [c for c in contribs if c.role == "in"]
-        readers = [c for c in contribs if c.role == "out"]
-        if not writers:
-            continue
-        first = writers[0]
-        idx = "*" if first.index is None else str(first.index[0])
+        if len(contribs) == 1:
+            first = contribs[0]
+            if first.role != "in":
+                continue
+            writers, readers = contribs, []
+        else:
+            writers = [c for c in contribs if c.role == "in"]
+            if not writers:
+                continue
+            readers = [c for c in contribs if c.role != "in"] if len(writers) != len(contribs) else []
+            first = writers[0]
+        key = keys.get(first.param)
+        if key is None:
+            key = keys[first.param] = _key(first.param)
         if first.sub is not None:  # a block (grouped transposed conv): name it by both restrictions
-            idx = f"{_short_index(first.index)};{_short_index(first.sub[1])}"
-        stem = f"{_key(first.param)}[{idx}]"
-        if stem in used:
-            stem = f"{stem}#{sum(1 for u in used if u.startswith(stem))}"
-        used.add(stem)
-        if {c.param for c in writers} & {c.param for c in readers}:
+            stem = f"{key}[{_short_index(first.index)};{_short_index(first.sub[1])}]"
+        else:
+            stem = f"{key}[{'*' if first.index is None else first.index[0]}]"
+        n = used.get(stem, 0)
+        used[stem] = n + 1
+        if n:
+            stem = f"{stem}#{n}"
+        if readers and {c.param for c in writers} & {c.param for c in readers}:
             overlaps.append(stem)
             continue
         if readers:
@@ -147,16 +181,21 @@ def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
         else:
             unused += 1
             continue
-        members = _members(writers) + _members(readers)
-        if kind == "scale":
-            members = tuple(Member(m.param, m.dim, m.index, None, m.sub_dim, m.sub_index) for m in members)
-        groups.append(Symmetry(
-            kind=kind,
-            name=f"{kind}:{stem}",
-            members=members,
-            layer=module_of(first.param),
-            chain=_chain(contribs, couplings.get(r, []) + normalisers.get(r, [])),
-        ))
+        layer = layers.get(first.param)
+        if layer is None:
+            layer = layers[first.param] = module_of(first.param)
+        extra = couplings.get(r, []) + normalisers.get(r, [])
+        if len(contribs) == 1 and first.sub is None and (first.index is None or len(first.index) == 1):
+            # one writer slice: one member, one line for it, then what ties the class (as _members / _chain do)
+            members: tuple[Member, ...] = (trusted_member(first.param, first.dim, first.index, None),)
+            chain = (_fill(first.event, list(first.index or ())), *dict.fromkeys(extra))
+            if len(chain) > MAX_CHAIN:
+                chain = _chain(contribs, extra)
+        else:
+            scale = kind == "scale"
+            members = _members(writers, scale) + (_members(readers, scale) if readers else ())
+            chain = _chain(contribs, extra)
+        groups.append(trusted_group(kind, f"{kind}:{stem}", members, layer, chain))
     meta["unused_classes"] = unused
     if overlaps:
         meta["skipped_overlapping"] = overlaps

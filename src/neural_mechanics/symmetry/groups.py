@@ -64,6 +64,16 @@ class Member:
             if not isinstance(self.sub_index, tuple):
                 object.__setattr__(self, "sub_index", tuple(int(i) for i in self.sub_index))
 
+    @classmethod
+    def trusted(cls, param: str, dim: int | None, index: tuple[int, ...] | None, role: Role | None,
+                sub_dim: int | None = None, sub_index: tuple[int, ...] | None = None) -> Member:
+        """The same member as `Member(...)`, built without `__post_init__`'s checks: for callers whose values are
+        valid by construction (int tuples, a valid role; `find_symmetries` builds ~100k members per model)."""
+        m = object.__new__(cls)
+        object.__setattr__(m, "__dict__", {"param": param, "dim": dim, "index": index, "role": role,
+                                           "sub_dim": sub_dim, "sub_index": sub_index})
+        return m
+
     def _sub_dim(self, ndim: int) -> int | None:
         return None if self.sub_dim is None else self.sub_dim % ndim
 
@@ -198,6 +208,15 @@ class Symmetry:
                 raise ValueError(f"rescale symmetry {self.name!r} needs members with role 'in' (and 'out')")
         if not self.layer:
             object.__setattr__(self, "layer", self.members[0].param.rpartition(".")[0])
+
+    @classmethod
+    def trusted(cls, kind: str, name: str, members: tuple[Member, ...], layer: str, chain: tuple[str, ...]) -> Symmetry:
+        """The same group as `Symmetry(...)`, built without `__post_init__`'s checks: for callers whose values are
+        valid by construction (a known kind, tuples, a layer, A1 members for a rescale group)."""
+        s = object.__new__(cls)
+        object.__setattr__(s, "__dict__", {"kind": kind, "name": name, "members": members, "layer": layer,
+                                           "chain": chain})
+        return s
 
     # ---- reference (dense) mathematics -------------------------------------------------------
     @property

@@ -23,9 +23,10 @@ The columns of a row logged at step s (the groups table, `store.GROUP_COLUMNS`):
     valid           the group is inside the theory (its predictions apply)
 
 `RowEmitter` turns the rows of a log step into host frames: one device-to-host transfer for all families (the
-log step's one host synchronisation), the group / kind / layer labels, the running max of each group's norm (the
-relative-error floor, `tracking/metrics.py`) and
-the per-layer aggregates; the tracker hands both to its sink.
+log step's one host synchronisation), the values as the run store keeps them (`encoding.roundtrip`: float32 where
+the precision budget allows), the group / kind / layer labels, the running max of each group's norm (the
+relative-error floor, `tracking/metrics.py`) and the per-layer aggregates, computed from those stored values; the
+tracker hands both to its sink.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from neural_mechanics.tracking.encoding import roundtrip
 from neural_mechanics.tracking.families import ChargeFamily
 from neural_mechanics.tracking.metrics import EQUILIBRIUM_COLUMNS, PREDICTION_COLUMNS, layer_rows
 
@@ -83,6 +85,7 @@ class RowEmitter:
             block = host[start:start + b.numel()].reshape(b.shape)
             start += b.numel()
             data: dict[str, Any] = {c: block[j] for j, c in enumerate(cols)}
+            data.update(roundtrip(data))  # the values as stored: the layers table agrees with the stored rows
             data["valid"] = data["valid"] > 0.5
             self.norm_max[i] = np.fmax(self.norm_max[i], np.abs(data["norm"]))
             data["norm_max"] = self.norm_max[i].copy()
