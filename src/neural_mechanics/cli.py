@@ -26,6 +26,7 @@ from .experiments.models import list_presets
 from .experiments.train import run_training
 from .plots.report import write_report
 from .symmetry.certify import certify
+from .symmetry.coverage import coverage_lines, empty_message
 from .symmetry.detect import find_symmetries
 
 
@@ -76,8 +77,9 @@ NumClassesOpt = Annotated[int | None, typer.Option("--num-classes", help="Number
 BatchOpt = Annotated[int, typer.Option("--batch", min=2, help="Example batch size (>= 2 for train-mode BatchNorm).")]
 LossOpt = Annotated[
     str,
-    typer.Option("--loss", help="What the outputs feed: cross_entropy (softmax; gives translation symmetries) or "
-                 "mse (no softmax)."),
+    typer.Option("--loss", help="What the outputs feed: cross_entropy (softmax over the class axis: dim 1, or the "
+                 "last axis of token logits (B, T, V); gives translation symmetries), next_token / masked_token "
+                 "(language-model losses over token logits), or mse (no softmax)."),
 ]
 EvalOpt = Annotated[bool, typer.Option("--eval", help="Analyse the model in eval mode (BatchNorm then uses running "
                                        "statistics and has no scale symmetry).")]
@@ -106,6 +108,9 @@ def symmetries(
     eval_mode: EvalOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the groups as a JSON list (the public contract).")
                        ] = False,
+    json_full: Annotated[bool, typer.Option("--json-full", help="Print {\"symmetries\": [...], \"meta\": {...}}: the "
+                                            "groups and the detection facts, coverage included (the parameter "
+                                            "fraction in groups, the ops that blocked the rest).")] = False,
     explain: Annotated[str | None, typer.Option("--explain", help="Print why the members of group NAME are tied.")
                        ] = None,
     certify_groups: Annotated[bool, typer.Option("--certify/--no-certify",
@@ -113,13 +118,14 @@ def symmetries(
                                                  "largest relative change of the loss and outputs.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for the example batch and certification.")] = 0,
 ) -> None:
-    """Find every symmetry of MODEL from its computation graph: a table per layer and kind, or JSON."""
+    """Find every symmetry of MODEL from its computation graph: a table per layer and kind with the coverage (the
+    fraction of parameters in groups, the ops that blocked the rest), then certification; or JSON."""
     resolved, inputs = load_example(model, input_shape=_parse_shape(input_shape), num_classes=num_classes,
                                     batch=batch, seed=seed, eval_mode=eval_mode)
     net = resolved.model
     found = find_symmetries(net, inputs, loss=loss)
-    if as_json:
-        sys.stdout.write(found.to_json(indent=2) + "\n")
+    if as_json or json_full:
+        sys.stdout.write(found.to_json(indent=2, with_meta=json_full) + "\n")
         return
     if explain is not None:
         if explain not in found:
@@ -148,11 +154,14 @@ def _print_symmetry_table(found: Any, title: str) -> None:
     totals = found.counts()
     table.add_row("[bold]total[/bold]", *(f"[bold]{totals[k]}[/bold]" for k in ("translation", "scale", "rescale")))
     console.print(table)
+    if found.meta.get("loss_detail"):
+        console.print(f"loss: {found.meta['loss_detail']}", markup=False, highlight=False)
     for warning in found.meta.get("warnings", []):
         err_console.print(f"[yellow]warning:[/yellow] {warning}")
     if not len(found):
-        console.print("No symmetry found: no softmax-fed linear layer, no normalisation, no positively "
-                      "homogeneous neuron. See `meta` in --json output for the operations that blocked them.")
+        console.print(empty_message(found.meta), markup=False, highlight=False)
+    for line in coverage_lines(found.meta):
+        console.print(line, markup=False, highlight=False)
 
 
 @app.command(cls=_Command)
@@ -175,7 +184,9 @@ def check(
                                     batch=batch, seed=seed)
     result = check_model(resolved, inputs, hessian=hessian, seed=seed)
     if result.report is None:
-        console.print("No symmetry found; nothing to check.")
+        console.print(empty_message(result.found.meta) + " Nothing to check.", markup=False, highlight=False)
+        for line in coverage_lines(result.found.meta):
+            console.print(line, markup=False, highlight=False)
         return
     if result.uncertified:
         err_console.print(f"[yellow]{len(result.uncertified)} group(s) did not certify and are not checked[/yellow]")

@@ -158,6 +158,7 @@ class RunWriter:
         })
         if symmetries is not None:
             self.manifest["symmetries"] = json.loads(symmetries.to_json())
+            self.manifest["symmetry_meta"] = json.loads(json.dumps(symmetries.meta, default=str))  # coverage, loss
         self.manifest.setdefault("invalid", {})
         self.manifest.setdefault("notes", [])
         self._buffers: dict[str, list[pa.Table]] = {t: [] for t in TABLES}
@@ -240,7 +241,8 @@ class Run:
 
     @property
     def symmetries(self) -> SymmetrySet:
-        return SymmetrySet.from_json(json.dumps(self.manifest.get("symmetries") or []))
+        return SymmetrySet.from_json(json.dumps({"symmetries": self.manifest.get("symmetries") or [],
+                                                 "meta": self.manifest.get("symmetry_meta") or {}}))
 
     @property
     def status(self) -> str:
