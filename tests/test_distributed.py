@@ -118,7 +118,7 @@ def test_fsdp_sharded_models_are_refused(single_rank_group, tmp_path, monkeypatc
     from neural_mechanics.experiments import train as train_mod
     from neural_mechanics.experiments.models import mlp
 
-    def fsdp2_model(spec, num_classes=None):
+    def fsdp2_model(spec, num_classes=None, **_):
         m = mlp(num_classes=num_classes or 10, hidden=(8,))
         fully_shard(m)
         return SimpleNamespace(model=m)

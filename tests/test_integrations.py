@@ -122,6 +122,28 @@ def test_lightning_callback_matches_a_plain_loop(tmp_path, automatic):
     assert set(run.metrics()["name"]) == {"loss"}
 
 
+def test_lightning_callback_refuses_a_deepspeed_strategy(tmp_path):
+    """ZeRO shards inside DeepSpeed's engine, where no module check sees it: the strategy's class is refused."""
+    pytest.importorskip("lightning")
+    from neural_mechanics.errors import TrackerError
+    from neural_mechanics.integrations.lightning import NeuralMechanicsCallback
+
+    class DeepSpeedStrategy:  # named as Lightning's; deepspeed itself is not installed here
+        pass
+
+    class Trainer:
+        strategy = DeepSpeedStrategy()
+
+    module = _model()
+    module.device = torch.device("cpu")  # as a LightningModule has
+    cb = NeuralMechanicsCallback(tmp_path / "ds", example_inputs=_data()[0][:4])
+    with pytest.raises(TrackerError, match="DeepSpeedStrategy"):
+        cb.on_fit_start(Trainer(), module)
+    Trainer.strategy = object()  # any other strategy goes on to detection
+    cb.on_fit_start(Trainer(), module)
+    assert cb.symmetries is not None and len(cb.symmetries) > 0
+
+
 def test_tracker_with_a_closure_equals_backward_then_step(tmp_path):
     plain = _reference_loop(tmp_path, steps=4)
     closure = _reference_loop(tmp_path, steps=4, use_closure=True)

@@ -74,7 +74,7 @@ def test_callables_accepting_either_form_keep_each_entry_points_reading():
 def test_a_loss_spec_is_used_as_it_is_and_named_losses_are_data():
     spec = LossSpec.cross_entropy(class_dim=-1)
     assert as_loss_spec(spec) is spec
-    assert set(NAMED_LOSSES) == {"cross_entropy", "softmax", "next_token", "masked_token", "mse", "none"}
+    assert set(NAMED_LOSSES) == {"cross_entropy", "softmax", "next_token", "causal_lm", "masked_token", "mse", "none"}
     assert LossSpec.of_outputs(outputs_only).takes_targets is False
     assert LossSpec.of_outputs_and_targets(F.mse_loss, name="l2").name == "l2"
     assert nm.LossSpec is LossSpec

@@ -1,5 +1,6 @@
-"""Token losses (symmetry/loss.py): next-token and masked-token cross-entropy, the class-axis rule for token logits
-(B, T, V), and Hugging Face output objects accepted alike by find_symmetries, certify and check_constraints.
+"""Token losses (symmetry/loss.py): next-token (shifted targets, or the shift inside) and masked-token cross-entropy,
+the class-axis rule for token logits (B, T, V), and Hugging Face output objects accepted alike by find_symmetries,
+certify and check_constraints.
 
 The model is a tiny causal language model written in torch; its groups are derived by hand in `TinyCausalLM`'s
 docstring, and every loss value is compared with a direct recomputation.
@@ -14,6 +15,7 @@ from torch import nn
 
 import neural_mechanics as nm
 from neural_mechanics.errors import LossSpecError
+from neural_mechanics.experiments.objectives import build_objective
 from neural_mechanics.symmetry.capture import capture
 from neural_mechanics.symmetry.generic_point import generic_point
 from neural_mechanics.symmetry.loss import IGNORE_INDEX, LossSpec, as_loss_spec, class_axis
@@ -77,7 +79,7 @@ def test_the_class_axis_rule():
         class_axis(3, 3)
 
 
-@pytest.mark.parametrize("loss", ["next_token", "masked_token", "cross_entropy"])
+@pytest.mark.parametrize("loss", ["next_token", "causal_lm", "masked_token", "cross_entropy"])
 def test_token_losses_find_the_lm_heads_translations_over_the_vocabulary(loss):
     found = nm.find_symmetries(TinyCausalLM(), TOKENS, loss=loss)
     assert found.counts() == HAND, found.details()
@@ -90,23 +92,45 @@ def test_token_losses_find_the_lm_heads_translations_over_the_vocabulary(loss):
     assert rep.ok and not rep.inconclusive(), rep.summary()
 
 
-def test_next_token_scores_position_t_against_target_t_plus_1():
+def test_next_token_takes_the_next_token_ids_as_the_training_objective_does():
+    """"next_token": targets (B, T) already shifted (the tokens dataset's pairs), every position scored; the same
+    LossSpec as the training objective of that name (experiments/objectives.py), so a run and its checks agree."""
+    model = TinyCausalLM()
+    nxt = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(5))
+    assert as_loss_spec("next_token") == build_objective("next_token").spec
+    cap = capture(model, TOKENS, "next_token")
+    got = cap.gm([p.detach() for p in model.parameters()], [], TOKENS)
+    with torch.no_grad():
+        want = F.log_softmax(model(TOKENS), -1).sum()
+    assert torch.allclose(got, want, rtol=1e-6)
+    found = nm.find_symmetries(model, TOKENS, loss="next_token")
+    rep = nm.certify(model, found, TOKENS, loss="next_token", targets=nxt, sample=4)
+    z = logits_at(model, "generic")
+    assert rep.loss_before == pytest.approx(float(F.cross_entropy(z.reshape(-1, V), nxt.reshape(-1))), rel=1e-12)
+    assert rep.compared == [f"output ({B}, {T}, {V})"]
+    check = nm.check_constraints(model, "next_token", (TOKENS, nxt), found)
+    z = logits_at(model, "own")
+    assert check.loss == pytest.approx(float(F.cross_entropy(z.reshape(-1, V), nxt.reshape(-1))), rel=1e-12)
+    assert check.ok(), check.summary()
+
+
+def test_causal_lm_scores_position_t_against_target_t_plus_1():
     model = TinyCausalLM()
     # the captured stand-in reads every position but the last: sum(log_softmax(z[:, :-1], -1))
-    cap = capture(model, TOKENS, "next_token")
+    cap = capture(model, TOKENS, "causal_lm")
     got = cap.gm([p.detach() for p in model.parameters()], [], TOKENS)
     with torch.no_grad():
         want = F.log_softmax(model(TOKENS)[:, :-1], -1).sum()
     assert torch.allclose(got, want, rtol=1e-6)
     # certify and check_constraints: CE(logits[:, :-1], tokens[:, 1:]), targets aligned with the inputs
-    rep = nm.certify(model, nm.find_symmetries(model, TOKENS, loss="next_token"), TOKENS, loss="next_token",
+    rep = nm.certify(model, nm.find_symmetries(model, TOKENS, loss="causal_lm"), TOKENS, loss="causal_lm",
                      targets=TOKENS, sample=4)
     z = logits_at(model, "generic")
     assert rep.loss_before == pytest.approx(float(F.cross_entropy(z[:, :-1].reshape(-1, V), TOKENS[:, 1:].reshape(-1))),
                                             rel=1e-12)
     assert rep.compared == [f"output[:, :-1] ({B}, {T - 1}, {V})"]
-    check = nm.check_constraints(model, "next_token", (TOKENS, TOKENS), nm.find_symmetries(model, TOKENS,
-                                                                                            loss="next_token"))
+    check = nm.check_constraints(model, "causal_lm", (TOKENS, TOKENS), nm.find_symmetries(model, TOKENS,
+                                                                                           loss="causal_lm"))
     z = logits_at(model, "own")
     assert check.loss == pytest.approx(float(F.cross_entropy(z[:, :-1].reshape(-1, V), TOKENS[:, 1:].reshape(-1))),
                                        rel=1e-12)
@@ -127,11 +151,11 @@ def test_masked_token_ignores_unmasked_positions():
 
 
 def test_token_losses_refuse_what_they_cannot_score():
-    spec = as_loss_spec("next_token")
+    spec = as_loss_spec("causal_lm")
     with pytest.raises(LossSpecError, match="aligned with the logits"):
         spec.bind(TOKENS[:, 1:])(logits_at(TinyCausalLM(), "own"))
     with pytest.raises(LossSpecError, match="T > 1"):
-        nm.certify(TinyCausalLM(), [], TOKENS[:, :1], loss="next_token")
+        nm.certify(TinyCausalLM(), [], TOKENS[:, :1], loss="causal_lm")
     with pytest.raises(LossSpecError, match="target_offset"):
         LossSpec("plain", "x", target_offset=1)
 
@@ -143,7 +167,7 @@ def test_structured_outputs_are_read_alike_by_the_three_entry_points(out):
     if out == "hf":
         pytest.importorskip("transformers")
     model = TinyCausalLM(out)
-    for loss in ("next_token", "cross_entropy"):
+    for loss in ("next_token", "causal_lm", "cross_entropy"):
         found = nm.find_symmetries(model, TOKENS, loss=loss)
         assert found.counts() == HAND
         rep = nm.certify(model, found, TOKENS, loss=loss, sample=None)

@@ -208,6 +208,7 @@ EXPECTED_PRESETS = {
     "digits-vgg",
     "mlp-bn",
     "mlp",
+    "llama-tiny",
 }
 
 
@@ -222,9 +223,12 @@ def test_list_presets_has_the_documented_names():
 def test_every_preset_builds_and_runs_at_its_input_shape(name):
     preset = get_preset(name)
     model = preset.build().eval()
+    tokens = preset.dataset == "tokens"  # a language model: token ids in, logits over the vocabulary per position
+    shape = (2, *preset.input_shape)
+    x = torch.randint(0, preset.num_classes, shape) if tokens else torch.randn(shape)
     with torch.no_grad():
-        out = model(torch.randn(2, *preset.input_shape))
-    assert out.shape == (2, preset.num_classes)
+        out = model(x)
+    assert out.shape == ((2, *preset.input_shape, preset.num_classes) if tokens else (2, preset.num_classes))
     has_bn = any(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in model.modules())
     assert has_bn == ("-bn" in name)
 

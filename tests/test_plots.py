@@ -17,7 +17,8 @@ from neural_mechanics.plots import figures as F
 from neural_mechanics.plots import toy
 from neural_mechanics.plots.source import FigureUnavailable, RunView, group_errors, load_run, relative_error
 from neural_mechanics.plots.style import close, save
-from neural_mechanics.plots.synthetic import synthetic_run
+from neural_mechanics.theory import equilibrium as eq
+from synthetic_runs import synthetic_run
 
 SMALL_LAYERS = (("f.0", "scale", 4, 10), ("f.1", "rescale", 4, 2 + 8), ("f.3", "scale", 5, 9),
                 ("c.0", "translation", 6, 4))
@@ -49,6 +50,14 @@ class OnlyFrame:
 
     def frame(self):
         return self._df
+
+
+def test_prediction_error_of_a_run_whose_predictions_are_exact_everywhere_is_a_note_not_a_crash(run):
+    # e.g. a run of a few steps logged only where every prediction starts from the measured charge
+    df = run.frame()[["step", "group", "kind", "layer", "measured"]].copy()
+    df["predicted_exact"] = df["measured"]
+    with pytest.raises(FigureUnavailable, match="equals the measured charge at every logged step"):
+        F.fig_prediction_error(OnlyFrame(df))
 
 
 # ---- source ---------------------------------------------------------------------------------------
@@ -173,18 +182,16 @@ def test_fig_norm_dynamics_with_and_without_parameter_traces(run):
 
 
 def test_equilibrium_formulas_agree_with_theory_module():
-    from neural_mechanics.theory import equilibrium as eq
-
+    """The gradient form of S_eq the equilibrium figure draws (theory.equilibrium, the only place it is defined)
+    reduces to the plain-SGD fixed point and, with momentum, to the buffer form under uncorrelated gradients."""
     lr, wd, g2 = 0.1, 5e-3, 0.37
-    assert F.equilibrium_norm(lr, g2, wd) == pytest.approx(float(eq.scale_equilibrium(lr, wd, g2)), rel=1e-14)
-    assert F.equilibrium_angular_update(lr, wd) == pytest.approx(float(eq.angular_update(lr, wd)), rel=1e-14)
+    assert float(eq.scale_equilibrium_from_grad(lr, wd, g2)) == pytest.approx(float(eq.scale_equilibrium(lr, wd, g2)),
+                                                                              rel=1e-14)
     beta, tau = 0.9, 0.2
     # E|b|^2 = (1 - tau)^2 |g|^2 / (1 - beta^2) for uncorrelated minibatch gradients
     b2 = (1 - tau) ** 2 * g2 / (1 - beta**2)
-    assert F.equilibrium_norm(lr, g2, wd, beta, tau) == pytest.approx(
+    assert float(eq.scale_equilibrium_from_grad(lr, wd, g2, beta, tau)) == pytest.approx(
         float(eq.scale_equilibrium_momentum(lr, wd, b2, beta, tau)), rel=1e-12)
-    assert F.equilibrium_angular_update(lr, wd, beta, tau) == pytest.approx(
-        float(eq.angular_update(lr, wd, beta, tau)), rel=1e-14)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.9])
@@ -207,8 +214,8 @@ def test_equilibrium_norm_matches_simulated_scale_invariant_sgd(beta):
             s_hist.append(theta @ theta)
             ang_hist.append((step @ step) / (theta @ theta))
         theta = theta - step
-    assert np.mean(s_hist) == pytest.approx(float(F.equilibrium_norm(lr, sigma**2, wd, beta)), rel=0.05)
-    assert np.sqrt(np.mean(ang_hist)) == pytest.approx(float(F.equilibrium_angular_update(lr, wd, beta)), rel=0.05)
+    assert np.mean(s_hist) == pytest.approx(float(eq.scale_equilibrium_from_grad(lr, wd, sigma**2, beta)), rel=0.05)
+    assert np.sqrt(np.mean(ang_hist)) == pytest.approx(float(eq.angular_update(lr, wd, beta)), rel=0.05)
 
 
 def test_fig_equilibrium_overlays_s_eq_from_grad_norms(run):

@@ -151,7 +151,8 @@ TOYSET = DatasetSpec("toyset", _toy_builder, "random 1x8x8 tensors", aliases=("t
 
 
 def test_builtin_datasets_and_aliases():
-    assert dataset_names()[:5] == DATASET_NAMES == ("digits", "tinyimagenet", "cifar10", "cifar100", "synthetic")
+    assert dataset_names()[:7] == DATASET_NAMES == ("digits", "tinyimagenet", "cifar10", "cifar100", "synthetic",
+                                                    "imagefolder", "tokens")
     assert get_dataset("Tiny-ImageNet").name == "tinyimagenet" and get_dataset("CIFAR10").name == "cifar10"
     assert load_config("demo", ["dataset.name=tiny-imagenet"]).dataset.name == "tiny-imagenet"  # kept as written
 
@@ -202,5 +203,5 @@ def test_dataset_registration_errors(restore_registries):
     with pytest.raises(ValueError, match="lower case"):
         register_dataset(DatasetSpec("Mine", _toy_builder, "x"))
     with pytest.raises(ValueError, match="does not have"):
-        register_dataset(DatasetSpec("mine", _toy_builder, "x", keys=("path",)))
+        register_dataset(DatasetSpec("mine", _toy_builder, "x", keys=("colour",)))
     assert "mine" not in DATASETS

@@ -17,7 +17,7 @@ import pytest
 from neural_mechanics.plots import figures as F
 from neural_mechanics.plots.report import report_html, write_report
 from neural_mechanics.plots.source import load_run
-from neural_mechanics.plots.synthetic import synthetic_run
+from synthetic_runs import synthetic_run
 
 SMALL_LAYERS = (("f.0", "scale", 4, 10), ("f.1", "rescale", 4, 2 + 8), ("f.3", "scale", 5, 9),
                 ("c.0", "translation", 6, 4))

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from neural_mechanics.errors import TrackerError
 from neural_mechanics.theory.applicability import exact_theory_applies, hyper_from_sgd_group
 from neural_mechanics.theory.equilibrium import (
     angular_update,
@@ -17,6 +16,7 @@ from neural_mechanics.theory.equilibrium import (
     scale_equilibrium,
     scale_equilibrium_momentum,
 )
+from neural_mechanics.theory.errors import TheoryError
 from neural_mechanics.theory.hyper import Hyper
 
 torch.set_num_threads(1)
@@ -152,5 +152,5 @@ def test_hyper_from_groups():
     torch.testing.assert_close(hp.lr, torch.tensor([0.1, 0.3, 0.1], dtype=F64))
     assert hp.nesterov.tolist() == [True, False, True]
     assert hp.momentum.tolist() == [0.9, 0.0, 0.9]
-    with pytest.raises(TrackerError):
+    with pytest.raises(TheoryError):
         Hyper.from_sgd_group({"momentum": 0.9})

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from neural_mechanics.tracking.reference import ReferenceTracker
+from neural_mechanics.tracking.metrics import RELATIVE_ERROR_FLOOR, relative_errors
 from neural_mechanics.tracking.store import open_run
 from neural_mechanics.tracking.tracker import Tracker
+from reference_tracker import ReferenceTracker
 from test_tracking_helpers import BNNet, PlainNet, bn_symmetries, make_data, plain_symmetries, train, warmup_cosine
 
 torch.set_num_threads(1)
@@ -363,8 +364,6 @@ def test_attach_to_optimizer_with_momentum_buffers(tmp_path, nesterov):
 def test_layers_errors_use_the_shared_floor(tmp_path):
     """err_* of the layers frame = per (step, layer, kind) max / median of `relative_errors` on the groups frame,
     whose denominator is max(norm, RELATIVE_ERROR_FLOOR x the group's largest norm so far) (brute force here)."""
-    from neural_mechanics.tracking.tracker import RELATIVE_ERROR_FLOOR, relative_errors
-
     torch.manual_seed(0)
     net = BNNet(eps=1e-5)
     run = _run(tmp_path, net, bn_symmetries(net), *CONFIGS["heavy_ball"], steps=60, log_every=10)

@@ -11,6 +11,9 @@
     nm.write_report("runs/a")                                # one self-contained HTML file
     nm.register_op("mylib::my_relu", "pass_through")         # teach detection a custom op (docs/extending.md)
     print(nm.describe_graph(model, example_inputs))          # each op, its rule, what it blocked
+    nm.param_groups(model, sym, weight_decay=5e-4)           # torch.optim groups: scale-invariant vs the rest
+    nm.balance(model, sym); nm.equalize(model, sym)          # moves along the orbits (same function)
+    nm.completeness(model, x, sym)                           # found k of n output-preserving directions
 """
 
 from .constraints import ConstraintReport, check_constraints
@@ -23,26 +26,44 @@ from .symmetry.loss import LossSpec
 from .symmetry.ops import register_op, unregister_op
 from .tracking.store import Run, open_run
 from .tracking.tracker import Tracker
+from .uses.alignment import Alignment, distance_up_to_symmetry
+from .uses.balance import balance
+from .uses.completeness import Completeness, completeness
+from .uses.equalize import equalize
+from .uses.orbits import SymmetryUseError
+from .uses.param_groups import ParamSplit, classify_parameters, param_groups
+from .uses.transforms import act
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KINDS",
+    "Alignment",
     "CertificationReport",
+    "Completeness",
     "ConstraintReport",
     "LossSpec",
     "Member",
     "NMechError",
+    "ParamSplit",
     "Run",
     "Symmetry",
     "SymmetrySet",
+    "SymmetryUseError",
     "Tracker",
     "__version__",
+    "act",
+    "balance",
     "certify",
     "check_constraints",
+    "classify_parameters",
+    "completeness",
     "describe_graph",
+    "distance_up_to_symmetry",
+    "equalize",
     "find_symmetries",
     "open_run",
+    "param_groups",
     "register_op",
     "unregister_op",
     "write_report",

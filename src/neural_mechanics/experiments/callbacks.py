@@ -3,7 +3,8 @@
 `run_training` passes them in this order, which is the order of their effects within a step and at the end:
 
     StopAfter       stop after N steps of this call, as if killed right after a checkpoint (tests, drills)
-    TrainMetrics    log train loss, accuracy and lr every `log_every` steps and at the last step
+    TrainMetrics    log train loss, accuracy (when the objective has one) and lr every `log_every` steps and at
+                    the last step
     Evaluation      evaluate every `eval_every` steps (not at the last step) and once at the end of a finished run
     RankAgreement   under DDP with the tracker: how far the ranks' tracker states drifted apart (0.0 = exactly equal)
     Checkpointing   checkpoint every `every` steps, and at the end when asked to or when the run stops unfinished
@@ -42,14 +43,16 @@ class StopAfter(Callback):
 
 
 class TrainMetrics(Callback):
-    """Log the last step's loss, accuracy and learning rate as "train" rows at steps k*every and at the last step."""
+    """Log the last step's loss, accuracy (classification objectives) and learning rate as "train" rows at steps
+    k*every and at the last step."""
 
     def __init__(self, rows: MetricRows, every: int):
         self.rows, self.every = rows, every
 
     def after_step(self, loop: TrainLoop) -> None:
         if loop.step % self.every == 0 or loop.step == loop.total_steps:
-            self.rows.log(loop.step, "train", loss=loop.train_loss, accuracy=loop.train_accuracy, lr=loop.lr)
+            accuracy = {"accuracy": loop.train_accuracy} if loop.objective.has_accuracy else {}
+            self.rows.log(loop.step, "train", loss=loop.train_loss, **accuracy, lr=loop.lr)
 
 
 class Evaluation(Callback):
@@ -111,7 +114,7 @@ class ProgressBar(Callback):
     def __init__(self, description: str, console: Any = None, *, enabled: bool = True):
         self.description = description
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"),
+                            TextColumn("loss {task.fields[loss]:.4f}{task.fields[acc]}"),
                             TextColumn("{task.fields[rate]:.1f} steps/s"),
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                             console=console, disable=not enabled, transient=False)
@@ -122,11 +125,12 @@ class ProgressBar(Callback):
         self.bar.start()
         self.running = True
         self.task = self.bar.add_task(self.description, total=loop.total_steps, completed=loop.step,
-                                      loss=float("nan"), acc=float("nan"), rate=0.0)
+                                      loss=float("nan"), acc="", rate=0.0)
 
     def after_step(self, loop: TrainLoop) -> None:
         assert self.task is not None
-        self.bar.update(self.task, completed=loop.step, loss=loop.train_loss, acc=loop.train_accuracy,
+        acc = f"  acc {loop.train_accuracy:.3f}" if loop.objective.has_accuracy else ""
+        self.bar.update(self.task, completed=loop.step, loss=loop.train_loss, acc=acc,
                         rate=loop.steps_this_call / max(loop.elapsed, 1e-9))
 
     def on_loop_end(self, loop: TrainLoop) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from neural_mechanics.errors import RunStoreError
+from neural_mechanics.experiments.config import TrainConfig, config_to_dict
 from neural_mechanics.experiments.distributed import gather_rng_states, rng_state, set_rng_state
 from neural_mechanics.experiments.loop import MetricRows
 from neural_mechanics.experiments.rundir import store_error
@@ -74,9 +75,12 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Keys (dotted) whose values differ between a checkpoint's config and the current one, ignoring the keys that
-    do not change the trajectory (`RESUME_FREE_KEYS`)."""
+    do not change the trajectory (`RESUME_FREE_KEYS`). A key the checkpoint's config lacks (it was written before
+    the key existed) counts as its default, which by the config's rule means what the older version did."""
+    defaults = _flatten(config_to_dict(TrainConfig(steps=1)))
     a, b = _flatten(saved), _flatten(current)
-    return sorted(k for k in set(a) | set(b) if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k))
+    return sorted(k for k in set(a) | set(b)
+                  if k not in RESUME_FREE_KEYS and a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
 
 
 @dataclass

@@ -11,11 +11,11 @@ The paper's runs ship as YAML files in `experiments/configs/` (`list_configs()`;
 finds a shipped config by name). Schedules are given in steps or epochs (`schedule.unit`);
 `lr_multiplier` states the schedule formulas so the training loop and tests share one definition.
 
-The `optimizer` and `dataset` sections belong to their registries (`OptimizerConfig` in
-`experiments.optimizers`, `DatasetConfig` in `experiments.datasets`): a name is valid when it is registered, and
-each optimizer or dataset validates the keys it reads. The mapping -> dataclass machinery is
-`experiments.schema`. A key added to a section needs a default that keeps every existing config meaning what
-it meant.
+The `optimizer`, `dataset` and `loss` sections belong to their registries (`OptimizerConfig` in
+`experiments.optimizers`, `DatasetConfig` in `experiments.datasets`, `LossConfig` in `experiments.objectives`): a
+name is valid when it is registered, and each optimizer or dataset validates the keys it reads. The mapping ->
+dataclass machinery is `experiments.schema`. A key added to a section needs a default that keeps every existing
+config meaning what it meant.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import yaml
 
 from neural_mechanics.errors import ConfigError
 from neural_mechanics.experiments.datasets import DatasetConfig, validate_dataset_config
+from neural_mechanics.experiments.objectives import LossConfig
 from neural_mechanics.experiments.optimizers import OptimizerConfig, validate_optimizer
 from neural_mechanics.experiments.schema import check, from_mapping, unknown_key
 from neural_mechanics.symmetry.kinds import KINDS
@@ -74,6 +75,7 @@ class TrainConfig:
     model: str = "digits-vgg-bn"
     num_classes: int | None = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     batch_size: int = 128
     steps: int | None = None
     epochs: float | None = None
@@ -249,6 +251,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
                     f"write --set {prefix + part}=VALUE",
                 )
             existing = node.get(part)
+            if isinstance(existing, str) and "name" in {f.name for f in dataclasses.fields(sub)}:
+                existing = {"name": existing}  # `loss: mse` (the shorthand), then --set loss.class_dim=...
+                node[part] = existing
             if not isinstance(existing, dict):
                 existing = {}
                 node[part] = existing

@@ -15,7 +15,9 @@ Everything else a run does around the steps is a `Callback` reacting to the loop
     on_close      always, last, also after an exception (release what on_start took)
 
 `experiments.callbacks` holds the run's callbacks (progress bar, metric logging, evaluation, checkpoints).
-`Objective` says how outputs meet targets; the default is classification with cross-entropy.
+`Objective` (experiments.objectives) says how outputs meet targets; the default is classification with
+cross-entropy. Accuracy is the fraction of correct predictions over target elements (examples, pixels or tokens);
+an objective without accuracy (mse) leaves `train_accuracy` NaN.
 """
 
 from __future__ import annotations
@@ -23,37 +25,26 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neural_mechanics.errors import NMechError
 from neural_mechanics.experiments.datasets import DatasetInfo, make_loader
 from neural_mechanics.experiments.distributed import all_reduce_sum
+from neural_mechanics.experiments.objectives import Objective, build_objective
+
+__all__ = ["CLASSIFICATION", "Callback", "MetricRows", "Objective", "TrainLoop", "TrainingDivergedError", "evaluate"]
 
 
 class TrainingDivergedError(NMechError):
     """The loss or the gradients stopped being finite."""
 
 
-def _argmax_correct(out: Tensor, y: Tensor) -> Tensor:
-    return (out.argmax(1) == y).sum()
-
-
-@dataclass(frozen=True)
-class Objective:
-    """How a batch's outputs meet its targets: `loss(out, y, reduction=...)` (F.cross_entropy's call form; the
-    training loss is the "mean") and `correct(out, y)`, the number of correct predictions (a 0-d tensor)."""
-
-    loss: Callable[..., Tensor] = F.cross_entropy
-    correct: Callable[[Tensor, Tensor], Tensor] = _argmax_correct
-
-
-CLASSIFICATION = Objective()
+#: The default objective: classification with cross-entropy over dim 1.
+CLASSIFICATION = build_objective("cross_entropy")
 
 
 class Callback:
@@ -139,6 +130,7 @@ class TrainLoop:
     def _one_step(self) -> None:
         net, optimizer, scaler, m = self.net, self.optimizer, self.scaler, self.micro_per_step
         optimizer.zero_grad(set_to_none=True)
+        objective = self.objective
         loss_sum, correct, seen = 0.0, 0, 0
         for micro in range(m):
             x, y = next(self.batches)
@@ -149,11 +141,12 @@ class TrainLoop:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
                     out = net(x)
-                    loss = self.objective.loss(out.float(), y) / m
+                    loss = objective.loss(out, y) / m
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += float(loss.detach()) * m
-            correct += int(self.objective.correct(out.detach(), y))
-            seen += len(y)
+            hits = objective.correct(out, y) if objective.has_accuracy else None
+            correct += int(hits) if hits is not None else 0
+            seen += objective.count(y)
         loss_sum, correct_f, seen_f = all_reduce_sum([loss_sum, float(correct), float(seen)], self.device, self.world)
         train_loss = loss_sum / (m * self.world)
         if not math.isfinite(train_loss):
@@ -181,14 +174,18 @@ class TrainLoop:
         self.scheduler.step()
         self.step += 1
         self.steps_this_call += 1
-        self.train_loss, self.train_accuracy = train_loss, correct_f / max(seen_f, 1.0)
-        self.metrics.update({"train_loss": self.train_loss, "train_accuracy": self.train_accuracy})
+        self.train_loss = train_loss
+        self.train_accuracy = correct_f / max(seen_f, 1.0) if objective.has_accuracy else math.nan
+        self.metrics["train_loss"] = self.train_loss
+        if objective.has_accuracy:
+            self.metrics["train_accuracy"] = self.train_accuracy
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DatasetInfo, device: torch.device, batch_size: int = 512, *,
              rank: int = 0, world: int = 1, objective: Objective = CLASSIFICATION) -> dict[str, float]:
-    """Mean loss and accuracy over a whole split, in eval mode (mode restored afterwards).
+    """Mean loss (per target element) and accuracy (if the objective has one) over a whole split, in eval mode
+    (mode restored afterwards).
 
     Under DDP (world > 1) rank r evaluates samples r, r + world, ... (each sample exactly once, no padding) and
     the sums (loss, correct, count) are all-reduced, so every rank returns the whole split's numbers.
@@ -204,11 +201,15 @@ def evaluate(model: nn.Module, data: DatasetInfo, device: torch.device, batch_si
         x, y = x.to(device), y.to(device)
         out = model(x)
         loss_sum += float(objective.loss(out, y, reduction="sum"))
-        correct += int(objective.correct(out, y))
-        total += len(y)
+        hits = objective.correct(out, y) if objective.has_accuracy else None
+        correct += int(hits) if hits is not None else 0
+        total += objective.count(y)
     model.train(was_training)
     loss_sum, correct_f, total_f = all_reduce_sum([loss_sum, float(correct), float(total)], device, world)
-    return {"loss": loss_sum / max(total_f, 1.0), "accuracy": correct_f / max(total_f, 1.0)}
+    out_metrics = {"loss": loss_sum / max(total_f, 1.0)}
+    if objective.has_accuracy:
+        out_metrics["accuracy"] = correct_f / max(total_f, 1.0)
+    return out_metrics
 
 
 class MetricRows:

@@ -21,6 +21,9 @@ The digits networks are a VGG-shaped miniature for 1x8x8 scikit-learn digits, sm
 few hundred SGD steps run in seconds on two CPU cores, with the same symmetry structure (conv bias
 before BN, BN scale groups, rescale across ReLU in the classifier).
 
+`llama-tiny` is a LLaMA-style language model at toy size (experiments/llama.py), for language-model runs on the
+embedded corpus.
+
 Presets are data (`ModelPreset`, a frozen dataclass) in a registry; `list_presets()` lists them and
 `get_preset(name)` looks one up. Model specs (`torchvision:NAME`, `module:factory`, preset names)
 are resolved in `neural_mechanics.experiments.specs`.
@@ -36,6 +39,7 @@ from functools import partial
 from torch import Tensor, nn
 
 from neural_mechanics.errors import ModelSpecError
+from neural_mechanics.experiments.llama import tiny_llama
 
 # -- VGG ---------------------------------------------------------------------------------------
 
@@ -340,6 +344,15 @@ PRESETS: dict[str, ModelPreset] = {
             10,
             "digits",
             "ReLU MLP 64-128-128-10 without BatchNorm",
+        ),
+        ModelPreset(
+            "llama-tiny",
+            tiny_llama,
+            (32,),
+            256,
+            "tokens",
+            "LLaMA-style language model: 2 blocks of RMSNorm, causal rotary attention (4 heads), SwiGLU; width 48, "
+            "byte vocabulary (experiments/llama.py)",
         ),
     ]
 }

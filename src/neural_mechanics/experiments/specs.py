@@ -6,9 +6,10 @@ same way everywhere:
 - `torchvision:NAME`: `torchvision.models.get_model(NAME, weights=None[, num_classes=...])`. Weights are
   never downloaded - symmetries and their conservation laws are properties of the architecture and
   of training, not of a checkpoint.
-- `package.module:factory`: imports the module and takes the attribute (dotted paths such as
-  `pkg.mod:Outer.build` work). A callable is called, with `num_classes=` when it accepts it; a result that
-  is an `nn.Module` class is instantiated the same way; an `nn.Module` instance is used as is.
+- `package.module:factory`: imports the module (the current directory first, as `python -m` does:
+  `experiments.importing`) and takes the attribute (dotted paths such as `pkg.mod:Outer.build` work). A callable
+  is called, with `num_classes=` when it accepts it; a result that is an `nn.Module` class is instantiated the
+  same way; an `nn.Module` instance is used as is.
 - a preset name from `neural_mechanics.experiments.models.PRESETS` (e.g. `vgg16-bn-tinyimagenet`).
 
 The input shape (one example, no batch dimension) matters because symmetry detection and the
@@ -16,12 +17,15 @@ constraint checks run the model on example inputs. torchvision models get a per-
 `torchvision_input_shape`); for a user's factory it is read from an `input_shape` attribute of the model
 or factory if there is one, otherwise guessed from the first parameterised layer (Conv2d with C input
 channels -> (C, 64, 64), Linear with F inputs -> (F,), ...). `input_shape=` overrides all of this.
+A model whose first layer is an nn.Embedding reads token ids: its example inputs are integers below the
+embedding's row count (`example_input_kind`; `input_dtype=` and `vocab_size=` say so explicitly), and the number
+of tokens per example must come from `input_shape=` or an `input_shape` attribute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +34,8 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor, nn
 
-from neural_mechanics.errors import ModelSpecError
+from neural_mechanics.errors import InputShapeError, ModelSpecError
+from neural_mechanics.experiments.importing import accepts_keyword, import_object
 from neural_mechanics.experiments.models import PRESETS, get_preset
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -43,7 +48,8 @@ TORCHVISION_PREFIX = "torchvision:"
 class ResolvedModel:
     """A built model and what is needed to feed it: `input_shape` is one example's shape, e.g. (3, 64, 64) or (64,).
 
-    `num_classes` is the width of the output when it is known (None otherwise).
+    `num_classes` is the width of the output when it is known (None otherwise). `input_dtype` is what one example
+    holds: a float dtype, or an integer dtype for token ids below `vocab_size` (`example_input_kind`).
     """
 
     model: nn.Module
@@ -51,11 +57,17 @@ class ResolvedModel:
     num_classes: int | None
     spec: str
     description: str
+    input_dtype: torch.dtype = torch.float32
+    vocab_size: int | None = None
 
     def example_inputs(self, batch_size: int = 2, *, seed: int = 0, device: str | torch.device = "cpu") -> Tensor:
-        """A seeded standard-normal batch of shape (batch_size, *input_shape)."""
+        """A seeded batch of shape (batch_size, *input_shape): standard normal in `input_dtype`, or token ids uniform
+        in [0, vocab_size) for an integer dtype."""
         gen = torch.Generator().manual_seed(seed)
-        return torch.randn((batch_size, *self.input_shape), generator=gen).to(device)
+        shape = (batch_size, *self.input_shape)
+        if self.vocab_size is not None and not self.input_dtype.is_floating_point:
+            return torch.randint(0, self.vocab_size, shape, generator=gen, dtype=self.input_dtype).to(device)
+        return torch.randn(shape, generator=gen).to(device=device, dtype=self.input_dtype)
 
 
 # -- torchvision -------------------------------------------------------------------------------
@@ -153,14 +165,6 @@ def _resolve_torchvision(spec: str, name: str, num_classes: int | None) -> Resol
 # -- package.module:factory --------------------------------------------------------------------
 
 
-def _accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 def _default_num_classes(fn: Callable[..., Any]) -> int | None:
     try:
         p = inspect.signature(fn).parameters.get("num_classes")
@@ -171,7 +175,7 @@ def _default_num_classes(fn: Callable[..., Any]) -> int | None:
 
 def _call(fn: Callable[..., Any], num_classes: int | None, what: str) -> Any:
     try:
-        if num_classes is not None and _accepts_kwarg(fn, "num_classes"):
+        if num_classes is not None and accepts_keyword(fn, "num_classes"):
             return fn(num_classes=num_classes)
         return fn()
     except Exception as exc:
@@ -214,31 +218,7 @@ def _shape_attr(obj: Any) -> tuple[int, ...] | None:
 
 
 def _resolve_import(spec: str, num_classes: int | None) -> tuple[nn.Module, tuple[int, ...] | None, int | None]:
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path:
-        raise ModelSpecError(
-            f"model spec {spec!r} is not of the form package.module:factory",
-            "write e.g. mypkg.models:build_net, torchvision:resnet18, or a preset name",
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelSpecError(
-            f"cannot import module {module_name!r} (from {spec!r}): {exc}",
-            "check the spelling and that the package is installed or on PYTHONPATH (run from its directory or "
-            "`pip install -e` it)",
-        ) from exc
-    obj: Any = module
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            public = [n for n in dir(obj) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, public, n=3)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise ModelSpecError(
-                f"{module_name} has no attribute {attr_path!r} (missing {part!r})",
-                f"{hint}name a function or nn.Module class defined in {module_name}",
-            )
-        obj = getattr(obj, part)
+    obj = import_object(spec, ModelSpecError, "model spec")
     shape = _shape_attr(obj)
     factory_classes = _default_num_classes(obj) if callable(obj) else None
     if isinstance(obj, nn.Module):
@@ -271,11 +251,17 @@ def _resolve_import(spec: str, num_classes: int | None) -> tuple[nn.Module, tupl
 
 
 def resolve_model(
-    spec: str, *, num_classes: int | None = None, input_shape: tuple[int, ...] | None = None
+    spec: str,
+    *,
+    num_classes: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    input_dtype: torch.dtype | None = None,
+    vocab_size: int | None = None,
 ) -> ResolvedModel:
     """Build the model that `spec` names (torchvision:NAME, package.module:factory or a preset; see module docs).
 
-    `num_classes` overrides the model's default output width; `input_shape` overrides the default example shape.
+    `num_classes` overrides the model's default output width; `input_shape` overrides the default example shape;
+    `input_dtype` and `vocab_size` say what the example inputs hold (see `example_input_kind`).
     Raises ModelSpecError (with what went wrong and what to do) for anything that cannot be resolved.
     """
     spec = spec.strip()
@@ -283,31 +269,113 @@ def resolve_model(
         input_shape = tuple(int(s) for s in input_shape)
     if spec.startswith(TORCHVISION_PREFIX):
         resolved = _resolve_torchvision(spec, spec[len(TORCHVISION_PREFIX) :].strip(), num_classes)
-        if input_shape is not None:
-            resolved = ResolvedModel(resolved.model, input_shape, resolved.num_classes, spec, resolved.description)
-        return resolved
+        return _with_inputs(resolved, input_shape, input_dtype, vocab_size)
     if ":" in spec:
         model, shape, classes = _resolve_import(spec, num_classes)
-        shape = input_shape or shape or _infer_input_shape(model)
+        dtype, vocab = example_input_kind(model, input_dtype, vocab_size)
+        shape = input_shape or shape or (None if _is_token_dtype(dtype) else _infer_input_shape(model))
         if shape is None:
+            tokens = f"token ids (dtype {_dtype_name(dtype)}, vocabulary {vocab})" if vocab is not None else None
             raise ModelSpecError(
-                f"cannot tell what input {spec} expects (its first layer is not a Conv or Linear)",
-                "pass an input shape (e.g. --input-shape 3,32,32), or give the model or factory an `input_shape` "
-                "attribute",
+                f"cannot tell what input {spec} expects "
+                + (f"(it reads {tokens}, but how many per example?)" if tokens else
+                   "(its first layer is not a Conv or Linear)"),
+                ("pass the sequence length, e.g. --input-shape 16" if tokens else
+                 "pass an input shape (e.g. --input-shape 3,32,32)")
+                + ", or give the model or factory an `input_shape` attribute",
             )
         if classes is None:
             classes = _infer_num_classes(model)
-        return ResolvedModel(model, shape, classes, spec, f"{type(model).__name__} from {spec}")
+        resolved = ResolvedModel(model, shape, classes, spec, f"{type(model).__name__} from {spec}", dtype, vocab)
+        return resolved
     if spec not in PRESETS:
         _raise_unknown(spec)
     preset = get_preset(spec)
-    return ResolvedModel(
+    resolved = ResolvedModel(
         model=preset.build(num_classes),
-        input_shape=input_shape or preset.input_shape,
+        input_shape=preset.input_shape,
         num_classes=num_classes if num_classes is not None else preset.num_classes,
         spec=spec,
         description=preset.description,
     )
+    return _with_inputs(resolved, input_shape, input_dtype, vocab_size)
+
+
+def _with_inputs(resolved: ResolvedModel, input_shape: tuple[int, ...] | None, input_dtype: torch.dtype | None,
+                 vocab_size: int | None) -> ResolvedModel:
+    """`resolved` with the example-input shape, dtype and vocabulary it is fed (`example_input_kind`)."""
+    dtype, vocab = example_input_kind(resolved.model, input_dtype, vocab_size)
+    return dataclasses.replace(resolved, input_shape=input_shape or resolved.input_shape, input_dtype=dtype,
+                               vocab_size=vocab)
+
+
+# -- example-input kinds -----------------------------------------------------------------------
+
+#: The names `--input-dtype` accepts.
+INPUT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
+    "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+    "long": torch.long, "int64": torch.long, "int32": torch.int32, "int": torch.int32,
+}  # fmt: skip
+
+
+def parse_input_dtype(name: str) -> torch.dtype:
+    """The dtype `name` (an INPUT_DTYPES key, e.g. float32 or long) stands for; InputShapeError for anything else."""
+    dtype = INPUT_DTYPES.get(name.strip().lower())
+    if dtype is None:
+        raise InputShapeError(f"unknown input dtype {name!r}",
+                              f"use one of {', '.join(INPUT_DTYPES)} (long for token ids)")
+    return dtype
+
+
+def _is_token_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _first_embedding(model: nn.Module) -> nn.Embedding | nn.EmbeddingBag | None:
+    """The model's first parameterised layer, if it is an embedding (registration order)."""
+    for m in model.modules():
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag):
+            return m
+        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd):
+            return None
+    return None
+
+
+def example_input_kind(model: nn.Module, input_dtype: torch.dtype | None = None, vocab_size: int | None = None
+                       ) -> tuple[torch.dtype, int | None]:
+    """What the example inputs hold: (dtype, vocabulary size for token ids, else None).
+
+    Token ids (an integer dtype) when `input_dtype` is one, when a `vocab_size` is given, or when the model's first
+    parameterised layer is an nn.Embedding; their vocabulary is `vocab_size`, else the embedding's number of rows,
+    else the model's `vocab_size` attribute or `config.vocab_size` (Hugging Face). Float32 otherwise.
+    InputShapeError when token ids are asked for and no vocabulary can be found, or a vocabulary comes with a float
+    dtype.
+    """
+    embedding = _first_embedding(model)
+    if vocab_size is not None and vocab_size < 1:
+        raise InputShapeError(f"--vocab must be >= 1, got {vocab_size}", "pass the vocabulary size, e.g. --vocab 1000")
+    if input_dtype is None:
+        input_dtype = torch.long if vocab_size is not None or embedding is not None else torch.float32
+    if not _is_token_dtype(input_dtype):
+        if vocab_size is not None:
+            raise InputShapeError(f"--vocab {vocab_size} asks for token ids, but the input dtype is "
+                                  f"{_dtype_name(input_dtype)}", "drop --input-dtype, or pass --input-dtype long")
+        return input_dtype, None
+    if vocab_size is None and embedding is not None:
+        vocab_size = int(embedding.num_embeddings)
+    if vocab_size is None:
+        attr = getattr(model, "vocab_size", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+        vocab_size = int(attr) if isinstance(attr, int) and attr > 0 else None
+    if vocab_size is None:
+        raise InputShapeError(f"the example inputs are token ids ({_dtype_name(input_dtype)}) but the vocabulary size "
+                              "is unknown (the model's first layer is not an nn.Embedding)",
+                              "pass it, e.g. --vocab 1000")
+    return input_dtype, vocab_size
 
 
 def _raise_unknown(spec: str) -> NoReturn:

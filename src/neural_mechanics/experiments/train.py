@@ -5,9 +5,11 @@ One run = one `TrainConfig`. `run_training` assembles the run from the harness's
 - the run directory (`experiments.rundir`: a new run never overwrites one, a resume needs something to
   resume, the directory is probed for writability before any work) and its checkpoint
   (`experiments.checkpoint`);
-- data from the dataset registry (`experiments.datasets`), the model from its spec, the symmetries found on
-  one real batch, the optimizer from the optimizer registry (`experiments.optimizers`);
-- the step loop (`experiments.loop`: zero_grad, `grad_accumulation` micro-batches of cross-entropy backward,
+- data from the dataset registry (`experiments.datasets`), the model from its spec, the loss from the objective
+  registry (`experiments.objectives`; the first batch is run once to check that outputs and targets pair under it,
+  so a mismatch is a clear error before any step), the symmetries of that loss found on one real batch, the
+  optimizer from the optimizer registry (`experiments.optimizers`);
+- the step loop (`experiments.loop`: zero_grad, `grad_accumulation` micro-batches of the config's loss backward,
   optional global-norm clipping, `optimizer.step()`, `scheduler.step()`) with the callbacks of
   `experiments.callbacks` (metric logging, evaluation, checkpoints, progress bar).
 
@@ -58,11 +60,10 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from neural_mechanics.constraints import check_constraints
-from neural_mechanics.errors import CaptureError, ConfigError
+from neural_mechanics.errors import CaptureError, ConfigError, InputShapeError, LossSpecError
 from neural_mechanics.experiments.callbacks import (
     Checkpointing,
     Evaluation,
@@ -72,19 +73,22 @@ from neural_mechanics.experiments.callbacks import (
     TrainMetrics,
 )
 from neural_mechanics.experiments.checkpoint import Checkpointer, config_mismatch, load_checkpoint
+from neural_mechanics.experiments.checks import MODEL_INPUT_ERRORS, forward_once
 from neural_mechanics.experiments.config import TrainConfig, config_to_dict, lr_multiplier
 from neural_mechanics.experiments.datasets import DatasetInfo, dataset_from_config, endless_batches, make_loader
 from neural_mechanics.experiments.distributed import backend, dist_info, local_device, process_group, rank_seed
 from neural_mechanics.experiments.loop import Callback, MetricRows, TrainLoop
+from neural_mechanics.experiments.objectives import Objective, build_objective
 from neural_mechanics.experiments.optimizers import build_optimizer
 from neural_mechanics.experiments.rundir import RunDirectory, store_error
 from neural_mechanics.experiments.specs import resolve_model
 from neural_mechanics.symmetry import SymmetrySet
 from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.tracking import store as run_store
+from neural_mechanics.tracking.metrics import relative_errors
 from neural_mechanics.tracking.param_trace import ParamTrace
 from neural_mechanics.tracking.sharding import check_not_sharded
-from neural_mechanics.tracking.tracker import Tracker, relative_errors
+from neural_mechanics.tracking.tracker import Tracker
 
 #: Above this many parameters the start-of-run constraint check skips the Hessian (HVPs in float64 are slow on CPU).
 HESSIAN_CHECK_MAX_PARAMS = 2_000_000
@@ -150,12 +154,16 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
 
     # -- data, model, symmetries ------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
+    objective = build_objective(cfg.loss)
     train_data = dataset_from_config(cfg.dataset, "train", seed=cfg.seed)
     eval_data = dataset_from_config(cfg.dataset, cfg.dataset.eval_split, seed=cfg.seed)
-    resolved = resolve_model(cfg.model, num_classes=cfg.num_classes or train_data.num_classes)
+    resolved = resolve_model(cfg.model, num_classes=cfg.num_classes or train_data.num_classes,
+                             input_shape=train_data.input_shape)
     model = resolved.model.to(device).train()
     if cfg.tracker.enabled:
         check_not_sharded(model)
+    first_batch = next(iter(make_loader(train_data, max(2, min(cfg.batch_size, 16)), seed=cfg.seed)))
+    check_pairing(model, objective, first_batch, cfg, device)
     if world > 1 and cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}",
                           "use a global batch size that is a multiple of the number of processes")
@@ -167,7 +175,7 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
     micro_per_step = cfg.grad_accumulation
     steps_per_epoch = max(len(loader) // micro_per_step, 1)
     total_steps = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 0) * steps_per_epoch)
-    symmetries = _tracked_symmetries(cfg, model, train_data, device) if cfg.tracker.enabled else None
+    symmetries = _tracked_symmetries(cfg, model, first_batch[0], device, objective) if cfg.tracker.enabled else None
 
     # -- optimizer, tracker, run store ------------------------------------------------------------
     net: nn.Module = model
@@ -197,7 +205,10 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
                            start_step=int(state["step"]) if state is not None else 0,
                            previous=pd.read_parquet(previous) if state is not None and previous.is_file() else None)
         if state is None and symmetries is not None:
-            _save_constraints(model, symmetries, train_data, out_dir, cfg.seed, device)
+            _save_constraints(model, symmetries, train_data, out_dir, cfg.seed, device, objective)
+    if writer is not None and state is None:
+        for note in (*train_data.notes, *(n for n in eval_data.notes if n not in train_data.notes)):
+            writer.add_note(f"data: {note}")
 
     # -- resume -----------------------------------------------------------------------------------
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
@@ -230,7 +241,7 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
     loop = TrainLoop(net, optimizer, scheduler, batches, device=device, total_steps=total_steps, start_step=step,
                      micro_per_step=micro_per_step, world=world, grad_clip=cfg.grad_clip, scaler=scaler,
                      autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision),
-                     callbacks=callbacks)
+                     objective=objective, callbacks=callbacks)
     try:
         loop.run()
     except BaseException as exc:
@@ -256,12 +267,35 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
     return result
 
 
-def _tracked_symmetries(cfg: TrainConfig, model: nn.Module, data: DatasetInfo, device: torch.device) -> SymmetrySet:
-    """The symmetries of the unwrapped model on one real batch (train mode: BatchNorm has batch statistics), of
-    the kinds `cfg.tracker.kinds` asks for."""
-    x0, _ = next(iter(make_loader(data, max(2, min(cfg.batch_size, 16)), seed=cfg.seed)))
+def check_pairing(model: nn.Module, objective: Objective, batch: tuple[Any, Any], cfg: TrainConfig,
+                  device: torch.device) -> None:
+    """Run the model once on the first training batch and check that its outputs and the batch's targets pair
+    under the config's loss (`Objective.check`): a model that rejects the data is an InputShapeError and a wrong
+    pairing a LossSpecError, both before any step. Without side effects: no gradient, the RNG forked, BatchNorm's
+    running statistics restored (`checks.forward_once`)."""
+    x, y = batch
     try:
-        symmetries = find_symmetries(model, x0.to(device))
+        out = forward_once(model, x.to(device), cfg.seed)
+    except MODEL_INPUT_ERRORS as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputShapeError(
+            f"model {cfg.model!r} cannot run on the data of dataset {cfg.dataset.name!r}: a batch of inputs of shape "
+            f"{tuple(x.shape)} ({x.dtype}) raised {type(exc).__name__}: {first}",
+            "make the model and the data agree: the model's input layer (channels, features, vocabulary, "
+            "dtype), the dataset's input_shape/image_size/channels/seq_len, or num_classes") from exc
+    try:
+        objective.check(out, y.to(device))
+    except LossSpecError as exc:
+        raise LossSpecError(f"model {cfg.model!r} on dataset {cfg.dataset.name!r}: {exc.what}",
+                            f"{exc.fix} (config: loss.name, loss.class_dim, num_classes, dataset)") from exc
+
+
+def _tracked_symmetries(cfg: TrainConfig, model: nn.Module, x0: Tensor, device: torch.device,
+                        objective: Objective) -> SymmetrySet:
+    """The symmetries of the config's loss found on one real batch (batch statistics), of the kinds
+    `cfg.tracker.kinds` asks for."""
+    try:
+        symmetries = find_symmetries(model, x0.to(device), loss=objective.spec)
     except CaptureError as exc:
         raise CaptureError(f"the tracker cannot analyse model {cfg.model!r}: {exc.what}",
                            f"{exc.fix + '; or ' if exc.fix else ''}train without the tracker: "
@@ -272,10 +306,10 @@ def _tracked_symmetries(cfg: TrainConfig, model: nn.Module, data: DatasetInfo, d
 
 
 def _save_constraints(model: nn.Module, symmetries: Any, data: DatasetInfo, out_dir: Path, seed: int,
-                      device: torch.device) -> None:
-    """Check the gradient (and, for small models, Hessian) constraints on one batch at step 0 and save them as
-    `constraints.parquet` beside the run, where the report's constraint histograms read them. Best effort: a
-    failure here is a warning, never a lost run."""
+                      device: torch.device, objective: Objective) -> None:
+    """Check the gradient (and, for small models, Hessian) constraints of the run's loss on one batch at step 0 and
+    save them as `constraints.parquet` beside the run, where the report's constraint histograms read them. Best
+    effort: a failure here is a warning, never a lost run."""
     if not len(symmetries):
         return
     try:
@@ -283,7 +317,7 @@ def _save_constraints(model: nn.Module, symmetries: Any, data: DatasetInfo, out_
         n_params = sum(p.numel() for p in model.parameters())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = check_constraints(model, F.cross_entropy, (x.to(device), y.to(device)), symmetries,
+            report = check_constraints(model, objective.spec, (x.to(device), y.to(device)), symmetries,
                                        hessian=n_params <= HESSIAN_CHECK_MAX_PARAMS, seed=seed)
         run_store.atomic_write_table(out_dir / "constraints.parquet",
                                      pa.Table.from_pandas(report.to_frame(), preserve_index=False))
@@ -293,7 +327,7 @@ def _save_constraints(model: nn.Module, symmetries: Any, data: DatasetInfo, out_
 
 def max_relative_errors(run_dir: Path) -> dict[str, float]:
     """Largest relative error of each prediction ("exact", "breaking", "paper") over all valid groups and steps,
-    with the tracker's definition (`tracking.tracker.relative_errors`: |pred - measured| / max(norm, 1e-6 x the
+    with the tracker's definition (`tracking.metrics.relative_errors`: |pred - measured| / max(norm, 1e-6 x the
     group's largest norm so far))."""
     df = run_store.open_run(run_dir).frame()
     if df.empty:

@@ -8,7 +8,9 @@ right after the gradients exist, so automatic and manual optimization (`self.man
 `opt.step()`) log the same rows as a plain loop.
 
 Under a DDP strategy every rank builds a Tracker on its own module (identical predictions), and only global
-rank 0 writes the run directory. FSDP / DeepSpeed strategies are refused (`tracking.sharding.check_not_sharded`).
+rank 0 writes the run directory. Sharded strategies are refused at fit start: FSDP through the module itself
+(`tracking.sharding.check_not_sharded`: FSDP wrappers, DTensor parameters) and DeepSpeed by the strategy's class,
+since ZeRO partitions parameters and optimizer state inside DeepSpeed's own engine, which no module check sees.
 
 The callback rides on the tracking layer only (Tracker, the sharding check, symmetry detection); it never
 imports the `nmech train` harness in `experiments/`.
@@ -62,6 +64,11 @@ class NeuralMechanicsCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Check what can be checked before training (sharding) and detect the symmetries."""
         check_not_sharded(pl_module)
+        strategy = type(getattr(trainer, "strategy", None)).__name__
+        if "DeepSpeed" in strategy:
+            raise TrackerError(f"the trainer's strategy is {strategy}: ZeRO partitions the parameters and the "
+                               "optimizer state, and the tracker needs whole parameters at the optimizer step",
+                               "train with strategy='ddp' (or a single device) while tracking")
         if self.symmetries is None:
             x = self.example_inputs if self.example_inputs is not None else getattr(pl_module, "example_input_array",
                                                                                     None)

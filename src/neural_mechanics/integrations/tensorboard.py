@@ -1,21 +1,22 @@
 """Per-layer aggregates of a run as TensorBoard scalars (needs the `tensorboard` package).
 
-The run store is the source of truth; TensorBoard is a view: `write_scalars(run_dir)` replays the run's
-`layers` table (one row per logged step, layer and kind: relative errors of the predictions, mean charge,
-gradient norm, angular update, effective learning rate) and the training metrics into event files, so a
-finished, a running or a crashed run can be looked at with `tensorboard --logdir`. Tags:
-`{kind}/{layer}/{column}` for aggregates and `metrics/{split}/{name}` for metrics.
+The run store is the source of truth; TensorBoard is a view. Live: pass `sink=TensorBoardSink(log_dir)` to the
+Tracker (`tracking/sinks.py`). Afterwards: `write_scalars(run_dir)` replays the run's `layers` table (one row
+per logged step, layer and kind: relative errors of the predictions, mean charge, gradient norm, angular update,
+effective learning rate) and the training metrics through the same sink into event files, so a finished, a
+running or a crashed run can be looked at with `tensorboard --logdir`. Tags: `{kind}/{layer}/{column}` for
+aggregates and `metrics/{split}/{name}` for metrics.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Any
 
-LAYER_SCALARS = ("mean_charge", "err_exact_max", "err_exact_median", "err_breaking_max", "err_paper_max",
-                 "err_paper_median", "grad_norm", "angular_update_median", "effective_lr_median", "lr", "n_valid")
+from neural_mechanics.tracking.sinks import LAYER_SCALARS, TensorBoardSink
+from neural_mechanics.tracking.store import open_run
+
+__all__ = ["LAYER_SCALARS", "write_scalars"]
 
 
 def write_scalars(run_dir: str | os.PathLike[str], log_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -23,27 +24,14 @@ def write_scalars(run_dir: str | os.PathLike[str], log_dir: str | os.PathLike[st
 
     Non-finite values (a prediction that does not apply) are skipped, not written as NaN.
     """
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:  # pragma: no cover - depends on what is installed
-        raise ImportError("TensorBoard scalars need the `tensorboard` package (pip install tensorboard)") from exc
-
-    from neural_mechanics.tracking.store import open_run
-
     run = open_run(run_dir)
     out = Path(log_dir) if log_dir is not None else run.dir / "tensorboard"
-    writer = SummaryWriter(log_dir=str(out))
+    sink = TensorBoardSink(out)
     try:
-        rows: list[dict[Any, Any]] = run.layers().to_dict("records")
-        for row in rows:
-            for col in LAYER_SCALARS:
-                v = float(row[col])
-                if math.isfinite(v):
-                    writer.add_scalar(f"{row['kind']}/{row['layer']}/{col}", v, int(row["step"]))
-        rows = run.metrics().to_dict("records")
-        for row in rows:
-            if math.isfinite(float(row["value"])):
-                writer.add_scalar(f"metrics/{row['split']}/{row['name']}", float(row["value"]), int(row["step"]))
+        layers = run.layers()
+        sink.write_layers({c: layers[c].tolist() for c in layers.columns})
+        metrics = run.metrics()
+        sink.write_metrics({c: metrics[c].tolist() for c in metrics.columns})
     finally:
-        writer.close()
+        sink.close()
     return out

@@ -3,13 +3,14 @@
 One function per figure; each returns a matplotlib Figure and raises `FigureUnavailable` (with the
 reason) when the run lacks the data. Nothing here computes a prediction: the tracker does that.
 The only arithmetic is presentation (relative errors, smoothing, the closed-form equilibrium values
-of docs/theory.md section 3 that a figure overlays on the measurement).
+of docs/theory.md section 3 that a figure overlays on the measurement, from `theory/equilibrium.py`).
 
 1. `fig_norm_dynamics`     per-parameter vs per-filter squared norms (paper Fig. 1)
 2. `fig_charges`           measured vs exact vs paper charges per group, a panel per kind (and per run)
 3. `fig_prediction_error`  relative error of each prediction over time (median and max per kind)
 4. `fig_constraints`       gradient/Hessian constraint residuals against a random-direction baseline
 5. `fig_equilibrium`       squared norm vs S_eq, angular update vs its limit, a normalised phase portrait
+                           (in `equilibrium.py`, with `scale_layer_series`; re-exported here)
 7. `fig_training_curves`   loss and accuracy
 (6, the toy pictures of the conserved surfaces, is in `toy.py`: it needs no run.)
 """
@@ -23,38 +24,27 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from neural_mechanics.plots.source import PREDICTIONS, FigureUnavailable, RunView, group_errors, load_run
+from neural_mechanics.plots.equilibrium import fig_equilibrium, scale_layer_series
+from neural_mechanics.plots.source import FigureUnavailable, group_errors, load_run
 from neural_mechanics.plots.style import (
     KIND_COLORS,
     PREDICTION_STYLE,
     SPLIT_STYLE,
     depth_colorbar,
     depth_colors,
+    moving_average,
     new_figure,
+    smoothing_window,
     style,
 )
 from neural_mechanics.symmetry.kinds import KINDS
+from neural_mechanics.tracking.metrics import PREDICTION_COLUMNS
+
+__all__ = ["CHARGE_LABEL", "error_table", "fig_charges", "fig_constraints", "fig_equilibrium", "fig_norm_dynamics",
+           "fig_prediction_error", "fig_training_curves", "scale_layer_series"]
 
 CHARGE_LABEL = {"translation": "T = <θ, 1_A>", "scale": "S = |θ_A|²", "rescale": "R = |θ_A1|² − |θ_A2|²"}
-
-
-def _smooth(values: pd.Series | np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average over `window` samples (edges use the samples available)."""
-    s = pd.Series(np.asarray(values, dtype=np.float64))
-    return s.rolling(window, center=True, min_periods=1).mean().to_numpy()
-
-
-def _plain_log_ticks(axis: Any) -> None:
-    """Log-axis ticks at 1, 2, 5 x 10^k labelled as plain numbers (no crowded minor-tick labels on short ranges)."""
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(NullFormatter())
-
-
-def _window(n: int, smooth: int | None) -> int:
-    return max(1, n // 40) if smooth is None else max(1, int(smooth))
 
 
 def _sample_groups(groups: pd.DataFrame, n: int, layer_order: Sequence[str]) -> list[str]:
@@ -198,7 +188,7 @@ def error_table(run: Any, step: int | None = None, floor: float | None = None) -
     for kind in view.kinds():
         part = last[last["kind"] == kind]
         row: dict[str, Any] = {"kind": kind, "groups": int(part["group"].nunique())}
-        for col in PREDICTIONS:
+        for col in PREDICTION_COLUMNS:
             e = part.get("err_" + col.removeprefix("predicted_"))
             vals = e.dropna() if e is not None else pd.Series(dtype=float)
             row[f"{PREDICTION_STYLE[col]['label']} median"] = float(vals.median()) if len(vals) else np.nan
@@ -207,7 +197,8 @@ def error_table(run: Any, step: int | None = None, floor: float | None = None) -
     return pd.DataFrame(rows).set_index("kind") if rows else pd.DataFrame()
 
 
-def fig_prediction_error(run: Any, predictions: Sequence[str] = PREDICTIONS, floor: float | None = None) -> Figure:
+def fig_prediction_error(run: Any, predictions: Sequence[str] = PREDICTION_COLUMNS,
+                         floor: float | None = None) -> Figure:
     """Relative error |p - m| / max(n, floor max_k n_k) of each prediction over time, per kind (`group_errors`).
 
     Solid line: median over the kind's groups; shaded band up to the max; thin line: the max.
@@ -218,8 +209,14 @@ def fig_prediction_error(run: Any, predictions: Sequence[str] = PREDICTIONS, flo
     groups = view.require("groups", ("step", "group", "kind", "measured"), "prediction error")
     cols = [p for p in predictions if p in groups.columns and groups[p].notna().any()]
     if not cols:
-        raise FigureUnavailable("prediction error: the run holds no predictions")
+        why = "; ".join(dict.fromkeys(str(v.get("reason", "")) for v in view.applicability.values()
+                                      if not v.get("applies")))
+        raise FigureUnavailable("prediction error: the run holds no predictions" + (f" ({why})" if why else ""))
     err = group_errors(groups, tuple(cols), floor=floor)
+    names = ["err_" + c.removeprefix("predicted_") for c in cols]
+    if not (err[names] > 0).to_numpy().any():  # a log axis with nothing on it cannot be drawn
+        raise FigureUnavailable("prediction error: every prediction equals the measured charge at every logged step "
+                                "(a run this short has no error to draw)")
     kinds = view.kinds()
     with style():
         fig = new_figure(ncols=len(kinds), width=4.0, height=3.2)
@@ -298,164 +295,6 @@ def fig_constraints(constraints: Any, bins: int = 40) -> Figure:
     return fig
 
 
-# ---- 5. equilibrium -----------------------------------------------------------------------------
-def equilibrium_norm(lr: np.ndarray | float, grad_sq: np.ndarray | float, weight_decay: float,
-                     momentum: float = 0.0, dampening: float = 0.0) -> np.ndarray:
-    """S_eq = eta |g_A|^2 / (2 lambda - eta lambda^2) (SGD, docs/theory.md section 3).
-
-    With heavy-ball momentum the same balance at leading order in eta lambda gives
-    S_eq = eta (1 - tau) |g_A|^2 / (2 lambda (1 - beta)), i.e. eta -> eta (1 - tau) / (1 - beta).
-    """
-    lr_a, g = np.asarray(lr, dtype=np.float64), np.asarray(grad_sq, dtype=np.float64)
-    if momentum == 0:
-        return lr_a * g / (2 * weight_decay - lr_a * weight_decay**2)
-    return lr_a * (1 - dampening) * g / (2 * weight_decay * (1 - momentum))
-
-
-def equilibrium_angular_update(lr: np.ndarray | float, weight_decay: float, momentum: float = 0.0,
-                               dampening: float = 0.0) -> np.ndarray:
-    """|delta theta_A| / |theta_A| at equilibrium: sqrt(2 eta lambda - eta^2 lambda^2) (SGD),
-    sqrt(2 eta lambda (1 - tau) / (1 + beta)) with momentum (docs/theory.md section 3)."""
-    lr_a = np.asarray(lr, dtype=np.float64)
-    if momentum == 0:
-        return np.sqrt(2 * lr_a * weight_decay - (lr_a * weight_decay) ** 2)
-    return np.sqrt(2 * lr_a * weight_decay * (1 - dampening) / (1 + momentum))
-
-
-def scale_layer_series(view: RunView) -> pd.DataFrame:
-    """Per (layer, step), aggregated over the layer's scale groups A:
-
-    S = sum_A |θ_A|², grad_sq = sum_A |g_A|² (groups' grad_norm², else the layers frame's grad_norm²),
-    angular_update = |Δθ| / |θ| of the whole layer = sqrt(sum_A a_A² S_A / S) from the groups'
-    angular_update a_A (else the layers frame's angular_update or angular_update_median), and lr.
-    """
-    groups = view.groups
-    scale = groups[groups["kind"] == "scale"].copy()
-    keys = ["layer", "step"]
-    agg: dict[str, Any] = {"S": ("measured", "sum")}
-    if "grad_norm" in scale.columns and scale["grad_norm"].notna().any():
-        scale["_g2"] = scale["grad_norm"].astype(float) ** 2
-        agg["grad_sq"] = ("_g2", lambda s: s.sum(min_count=1))
-    if "angular_update" in scale.columns and scale["angular_update"].notna().any():
-        scale["_a2s"] = scale["angular_update"].astype(float) ** 2 * scale["measured"]
-        agg["_a2s"] = ("_a2s", lambda s: s.sum(min_count=1))
-    if "lr" in scale.columns:
-        agg["lr"] = ("lr", "first")
-    out = scale.groupby(keys, sort=False).agg(**agg).reset_index()
-    if "_a2s" in out.columns:
-        out["angular_update"] = np.sqrt(out.pop("_a2s") / out["S"])
-    lay = view.layers
-    if len(lay) and {"step", "layer"} <= set(lay.columns):
-        if "kind" in lay.columns:
-            lay = lay[lay["kind"] == "scale"]
-        extra = {}
-        if "grad_sq" not in out.columns and "grad_norm" in lay.columns:
-            extra["grad_norm"] = "grad_sq"
-        if "angular_update" not in out.columns:
-            for c in ("angular_update", "angular_update_median"):
-                if c in lay.columns:
-                    extra[c] = "angular_update"
-                    break
-        if extra:
-            out = out.merge(lay[["layer", "step", *extra]].rename(columns=extra), on=keys, how="left")
-            if "grad_norm" in extra:
-                out["grad_sq"] = out["grad_sq"].astype(float) ** 2
-    if "lr" not in out.columns:
-        out["lr"] = view.hyper_value("lr", np.nan)
-    return out
-
-
-def fig_equilibrium(run: Any, smooth: int | None = None) -> Figure:
-    """Scale groups at the weight-decay equilibrium, per layer (colour = depth).
-
-    (a) S = sum of |θ_A|² over the layer's scale groups (solid) against S_eq (dashed) computed from the
-        layer's |g|² (layers frame grad_norm²) with `equilibrium_norm`; both smoothed over `smooth` steps.
-    (b) angular update |Δθ|/|θ| per step against its equilibrium value `equilibrium_angular_update`.
-    (c) phase portrait: x = S / S_eq, y = (1/S) dS/dt with t = eta k. Under SGD every layer falls on
-        y = (2 lambda - eta lambda²)(1/x - 1) (black), whatever its gradient scale, and the equilibrium is (1, 0);
-        with momentum the guide is 2 lambda (1 - tau) / (1 - beta) (1/x - 1) (leading order in eta lambda).
-    """
-    view = load_run(run)
-    view.require("groups", ("step", "group", "kind", "layer", "measured"), "equilibrium")
-    if "scale" not in view.kinds():
-        raise FigureUnavailable("equilibrium: the run has no scale symmetries")
-    lam = view.hyper_value("weight_decay", 0.0)
-    if lam <= 0:
-        raise FigureUnavailable("equilibrium: weight decay is 0, so scale charges have no equilibrium",
-                                "train with weight_decay > 0 to see the equilibrium")
-    beta, tau = view.hyper_value("momentum", 0.0), view.hyper_value("dampening", 0.0)
-    series = scale_layer_series(view)
-    has_g = "grad_sq" in series.columns and series["grad_sq"].notna().any()
-    has_ang = "angular_update" in series.columns and series["angular_update"].notna().any()
-    order = [layer for layer in view.layer_order() if layer in set(series["layer"])]
-    colors = depth_colors(order)
-    n_panels = 1 + int(has_ang) + int(has_g)
-    with style():
-        fig = new_figure(ncols=n_panels, width=4.2, height=3.3)
-        axes = list(fig.subplots(1, n_panels, squeeze=False)[0])
-        ax_s = axes.pop(0)
-        ax_a = axes.pop(0) if has_ang else None
-        ax_p = axes.pop(0) if has_g else None
-        x_range = [0.5, 2.0]
-        for layer in order:
-            s = series[series["layer"] == layer].sort_values("step")
-            w = _window(len(s), smooth)
-            color = colors[layer]
-            ax_s.plot(s["step"], s["S"], color=color, lw=1.3)
-            if has_g:
-                s_eq = equilibrium_norm(s["lr"].to_numpy(), _smooth(s["grad_sq"], w), lam, beta, tau)
-                ax_s.plot(s["step"], s_eq, color=color, lw=1.0, linestyle="--")
-                if ax_p is not None:
-                    steps = s["step"].to_numpy()
-                    dt = np.diff(steps) * s["lr"].to_numpy()[:-1]
-                    rate = np.diff(s["S"].to_numpy()) / dt / s["S"].to_numpy()[:-1]
-                    x = (s["S"].to_numpy() / s_eq)[:-1]
-                    xs, ys = _smooth(x, w), _smooth(rate, w)
-                    finite = xs[np.isfinite(xs) & (xs > 0)]
-                    if finite.size:
-                        x_range = [min(x_range[0], float(finite.min())), max(x_range[1], float(finite.max()))]
-                    ax_p.plot(xs, ys, color=color, lw=1.1)
-                    ax_p.plot(xs[:1], ys[:1], "o", color=color, ms=3.5)
-            if ax_a is not None:
-                ax_a.plot(s["step"], _smooth(s["angular_update"], w), color=color, lw=1.1)
-        ax_s.set_yscale("log")
-        ax_s.set_xlabel("step")
-        ax_s.set_ylabel("Σ |θ_A|² over the layer")
-        ax_s.set_title("squared norm (solid) vs S_eq (dashed)" if has_g else "squared norm")
-        lr_steps = series.drop_duplicates("step").sort_values("step")
-        if ax_a is not None:
-            limit = equilibrium_angular_update(lr_steps["lr"].to_numpy(), lam, beta, tau)
-            ax_a.plot(lr_steps["step"], limit, color="black", lw=1.3, linestyle="--",
-                      label="√(2ηλ − η²λ²)" if beta == 0 else "√(2ηλ(1−τ)/(1+β))")
-            ax_a.set_yscale("log")
-            _plain_log_ticks(ax_a.yaxis)
-            ax_a.set_xlabel("step")
-            ax_a.set_ylabel("|Δθ_A| / |θ_A| per step")
-            ax_a.set_title("angular update")
-            ax_a.legend(loc="upper right")
-        if ax_p is not None:
-            lr0 = float(np.nanmedian(lr_steps["lr"]))
-            ylim = ax_p.get_ylim()
-            xx = np.geomspace(x_range[0] / 1.2, x_range[1] * 1.2, 200)
-            # SGD: exact in expectation; momentum: leading order in eta lambda (weight decay carried by the buffer)
-            a = 2 * lam - lr0 * lam**2 if beta == 0 else 2 * lam * (1 - tau) / (1 - beta)
-            ax_p.plot(xx, a * (1 / xx - 1), color="black", lw=1.2, linestyle="--",
-                      label="(2λ − ηλ²)(S_eq/S − 1)" if beta == 0 else "2λ(1−τ)/(1−β) (S_eq/S − 1)")
-            ax_p.set_ylim(min(ylim[0], -0.1 * a), max(ylim[1], 0.1 * a))
-            ax_p.set_xscale("log")
-            ax_p.set_xlim(x_range[0] / 1.2, x_range[1] * 1.2)
-            _plain_log_ticks(ax_p.xaxis)
-            ax_p.axhline(0, color="grey", lw=0.8)
-            ax_p.axvline(1, color="grey", lw=0.8)
-            ax_p.set_xlabel("S / S_eq")
-            ax_p.set_ylabel("(1/S) dS/dt")
-            ax_p.set_title("phase portrait (o = start)")
-            ax_p.legend(loc="upper right")
-        depth_colorbar(fig, fig.axes, order)
-        fig.suptitle(f"Scale groups at the weight-decay equilibrium (λ = {lam:g}, β = {beta:g})")
-    return fig
-
-
 # ---- 7. training curves -------------------------------------------------------------------------
 def fig_training_curves(run: Any, smooth: int | None = None) -> Figure:
     """Loss (log y) and accuracy per step from the metrics frame; train raw (faint) and smoothed, val markers."""
@@ -473,8 +312,8 @@ def fig_training_curves(run: Any, smooth: int | None = None) -> Figure:
                 st = SPLIT_STYLE.get(str(split), {"color": "#7f7f7f", "linestyle": "-"})
                 if len(s) > 50:
                     ax.plot(s["step"], s["value"], color=st["color"], lw=0.6, alpha=0.3)
-                    ax.plot(s["step"], _smooth(s["value"], _window(len(s), smooth)), color=st["color"], lw=1.5,
-                            label=str(split))
+                    avg = moving_average(s["value"], smoothing_window(len(s), smooth))
+                    ax.plot(s["step"], avg, color=st["color"], lw=1.5, label=str(split))
                 else:
                     ax.plot(s["step"], s["value"], color=st["color"], lw=1.4, marker="o", ms=3, label=str(split),
                             linestyle=st["linestyle"])

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from neural_mechanics.errors import RunStoreError
 from neural_mechanics.plots import figures as F
 from neural_mechanics.plots.source import FigureUnavailable, RunView, load_run
-from neural_mechanics.plots.style import KIND_COLORS, close, png_bytes
+from neural_mechanics.plots.style import KIND_COLORS, PREDICTION_STYLE, close, png_bytes
 from neural_mechanics.plots.toy import fig_conserved_surfaces
 from neural_mechanics.symmetry.coverage import EXTENDING
 from neural_mechanics.symmetry.kinds import KINDS
@@ -192,7 +192,21 @@ def _err_class(v: float) -> str:
     return "err-good" if v < 1e-4 else "err-mid" if v < 1e-2 else "err-bad"
 
 
+def missing_predictions(run: Any) -> str | None:
+    """Why the run holds no predictions (the tracker's reason for the optimizer, e.g. AdamW: no exact theory), or
+    None when it has them or gave no reason."""
+    view = load_run(run)
+    reason = view.manifest.get("not_applicable")
+    return str(reason) if reason else None
+
+
 def _error_table(view: RunView) -> str:
+    reason = missing_predictions(view)
+    note = f"<p class='meta'><strong>No predictions for this run:</strong> {_e(reason)}.</p>" if reason else ""
+    return note + _error_rows(view)
+
+
+def _error_rows(view: RunView) -> str:
     try:
         table = F.error_table(view)
     except FigureUnavailable as exc:
@@ -214,6 +228,19 @@ def _error_table(view: RunView) -> str:
                  f"<td class='num'>{int(row['groups'])}</td>{cells}</tr>")
     return (f"<p class='meta'>Relative error at the last logged step ({step}); green &lt; 1e-4, amber &lt; 1e-2, "
             f"red otherwise.</p><table>{head}{body}</table>")
+
+
+def _applicability(view: RunView) -> str:
+    """Which predictions the tracker made and, for those it did not, why (the manifest's applicability)."""
+    app = view.applicability
+    if not app:
+        return ""
+    rows = "".join(
+        f"<tr><th>{_e(PREDICTION_STYLE[c]['label'] if c in PREDICTION_STYLE else c)}</th>"
+        f"<td>{'applies' if v.get('applies') else '<strong>not applicable</strong>'}</td>"
+        f"<td class='meta'>{_e(v.get('reason', ''))}</td></tr>"
+        for c, v in app.items())
+    return f"<div class='card'><h3>Predictions</h3><table>{rows}</table></div>"
 
 
 def _symmetry_summary(view: RunView) -> str:
@@ -330,7 +357,7 @@ def report_html(run: Any, *, constraints: Any = None, param_trace: pd.DataFrame 
         config_html,
         "</div>",
         "<h2>Symmetries</h2>", _symmetry_summary(view),
-        "<h2>Prediction error</h2>", _error_table(view),
+        "<h2>Prediction error</h2>", _applicability(view), _error_table(view),
         "<h2>Figures</h2>", *(_figure_html(r) for r in rendered),
         notes_html,
         f"<footer>versions: {_fmt(versions) if versions else 'not recorded'}</footer>",

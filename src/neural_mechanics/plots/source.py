@@ -14,7 +14,8 @@ cannot be drawn, so the report can show that reason instead of crashing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ import pandas as pd
 
 from neural_mechanics.errors import NMechError, RunStoreError
 from neural_mechanics.symmetry.kinds import KINDS
+from neural_mechanics.tracking.metrics import PREDICTION_COLUMNS, RELATIVE_ERROR_FLOOR, relative_error, relative_errors
+from neural_mechanics.tracking.store import open_run
 
-PREDICTIONS = ("predicted_exact", "predicted_breaking", "predicted_paper")
-"""Columns of the groups frame that hold predicted charges, in the order they are shown."""
+__all__ = ["FigureUnavailable", "RunView", "group_errors", "load_run", "relative_error"]
 
 
 class FigureUnavailable(NMechError):
@@ -95,6 +97,19 @@ class RunView:
     def status(self) -> str:
         return str(self.manifest.get("status", "unknown"))
 
+    @property
+    def applicability(self) -> dict[str, dict[str, Any]]:
+        """Per prediction column: {"applies": bool, "reason": str}, as the tracker decided it (manifest
+        "applicability", from `theory/applicability.py`). Runs written before that entry existed: every
+        prediction "not applicable" with the manifest's "not_applicable" sentence when it has one, else {}."""
+        raw = self.manifest.get("applicability")
+        if isinstance(raw, Mapping):
+            return {str(k): dict(v) for k, v in raw.items() if isinstance(v, Mapping)}
+        why = self.manifest.get("not_applicable")
+        if why:
+            return {c: {"applies": False, "reason": str(why)} for c in PREDICTION_COLUMNS}
+        return {}
+
     def hyper_value(self, key: str, default: float = 0.0) -> float:
         """A numeric hyperparameter, `default` when absent or not a number."""
         v = self.hyper.get(key, default)
@@ -155,8 +170,6 @@ def _as_symmetry_dicts(value: Any) -> list[dict[str, Any]]:
     if value is None:
         return []
     if isinstance(value, str):
-        import json
-
         value = json.loads(value)
         if isinstance(value, dict):
             value = value.get("symmetries") or []
@@ -176,14 +189,14 @@ def _clean_groups(df: pd.DataFrame) -> pd.DataFrame:
     for col in ("group", "kind", "layer"):
         if col in df.columns:
             df[col] = df[col].astype(str)
-    for col in ("measured", *PREDICTIONS):
+    for col in ("measured", *PREDICTION_COLUMNS):
         if col in df.columns:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype(np.float64)
         elif col != "measured":
             df[col] = np.nan
     if "valid" in df.columns:
         invalid = ~df["valid"].fillna(False).astype(bool)
-        df.loc[invalid, list(PREDICTIONS)] = np.nan
+        df.loc[invalid, list(PREDICTION_COLUMNS)] = np.nan
     return df
 
 
@@ -201,11 +214,6 @@ def load_run(run: Any) -> RunView:
         if not path.exists():
             raise RunStoreError(f"run directory {str(path)!r} does not exist",
                                 "pass the run_dir the Tracker wrote (it holds the manifest and frames)")
-        try:
-            from neural_mechanics.tracking.store import open_run
-        except ImportError as exc:  # pragma: no cover - only before the store exists
-            raise RunStoreError(f"cannot read run directory {str(path)!r}: the run store is unavailable ({exc})",
-                                "pass a live run object with .frame() instead") from exc
         run = open_run(path)
     if not hasattr(run, "frame"):
         raise TypeError(f"expected a run directory or an object with .frame(), got {type(run).__name__}")
@@ -244,48 +252,17 @@ def _path_of(run: Any) -> Path | None:
     return None
 
 
-def relative_error(measured: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray,
-                   scale: pd.Series | np.ndarray | float | None = None) -> np.ndarray:
-    """|predicted - measured| / max(|measured|, scale).
-
-    `scale` (per row or scalar) keeps the error meaningful where a charge crosses zero (translation
-    and rescale charges can): pass the group's typical magnitude, e.g. max_k |measured_k|. Without it
-    the denominator is |measured| alone. NaN predictions give NaN errors.
-    """
-    m = np.asarray(measured, dtype=np.float64)
-    p = np.asarray(predicted, dtype=np.float64)
-    denom = np.abs(m)
-    if scale is not None:
-        denom = np.maximum(denom, np.asarray(scale, dtype=np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        err = np.abs(p - m) / denom
-    err[(denom == 0) & (p == m)] = 0.0
-    return err
-
-
-def group_errors(groups: pd.DataFrame, columns: tuple[str, ...] = PREDICTIONS, floor: float | None = None
+def group_errors(groups: pd.DataFrame, columns: Sequence[str] = PREDICTION_COLUMNS, floor: float | None = None
                  ) -> pd.DataFrame:
     """Per-row relative error of each prediction column present: `err_<name>` columns added.
 
         err_k = |p_k - m_k| / max(n_k, floor * max_{j <= k} n_j)      (j over the group's logged steps)
 
-    where n_k is the tracker's `norm` column when the frame has one (|C| for scale, |theta_A1|^2 +
-    |theta_A2|^2 for rescale, sum |theta_i| for translation; floor defaults to 1e-6) and |m_k| otherwise
-    (floor defaults to 1e-3, since a rescale or translation charge can pass through zero). The floor
-    keeps a group whose charge decays to nothing (a dead ReLU channel under weight decay reaches 1e-25)
-    from reporting float rounding of its earlier, larger values as a huge "relative" error.
+    This is `tracking.metrics.relative_errors`, the one definition the tracker's layers frame uses too: n_k is
+    the tracker's `norm` column (|C| for scale, |theta_A1|^2 + |theta_A2|^2 for rescale, sum |theta_i| for
+    translation), or |m_k| for a frame without one; floor defaults to RELATIVE_ERROR_FLOOR (1e-6). The floor
+    keeps a group whose charge decays to nothing (a dead ReLU channel under weight decay reaches 1e-25) from
+    reporting float rounding of its earlier, larger values as a huge "relative" error.
     """
-    has_norm = "norm" in groups.columns and groups["norm"].notna().any()
-    if has_norm and floor is None:  # the tracker's own definition (running max), so report and layers frame agree
-        from neural_mechanics.tracking.tracker import relative_errors
-
-        return relative_errors(groups, tuple(c for c in columns if c in groups.columns))
-    df = groups.copy()
-    n = (df["norm"] if has_norm else df["measured"]).abs().astype(np.float64)
-    f = (1e-6 if has_norm else 1e-3) if floor is None else floor
-    scale = f * n.groupby(df["group"]).transform("max")
-    for col in columns:
-        if col in df.columns:
-            df["err_" + col.removeprefix("predicted_")] = relative_error(df["measured"], df[col],
-                                                                         np.maximum(n.to_numpy(), scale.to_numpy()))
-    return df
+    return relative_errors(groups, [c for c in columns if c in groups.columns],
+                           RELATIVE_ERROR_FLOOR if floor is None else floor)

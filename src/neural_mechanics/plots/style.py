@@ -19,8 +19,12 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
-from matplotlib.colors import Colormap
+import numpy as np
+import pandas as pd
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm, Colormap, ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 KIND_COLORS: dict[str, str] = {"translation": "#1b9e77", "scale": "#d95f02", "rescale": "#7570b3"}
 """One colour per symmetry kind (colour-blind safe Dark2 entries)."""
@@ -79,9 +83,6 @@ def depth_colors(layers: Sequence[str], cmap: str | Colormap = DEPTH_CMAP) -> di
 
 def depth_colorbar(fig: Figure, ax: Any, layers: Sequence[str], label: str = "layer depth") -> None:
     """A discrete colourbar that names the layers (only a few tick labels when there are many)."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import BoundaryNorm, ListedColormap
-
     colors = list(depth_colors(layers).values())
     n = len(colors)
     if n == 0:
@@ -122,3 +123,21 @@ def png_bytes(fig: Figure, dpi: int | None = None) -> bytes:
 
 def close(fig: Figure) -> None:
     plt.close(fig)
+
+
+def moving_average(values: pd.Series | np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over `window` samples (edges use the samples available)."""
+    s = pd.Series(np.asarray(values, dtype=np.float64))
+    return s.rolling(window, center=True, min_periods=1).mean().to_numpy()
+
+
+def plain_log_ticks(axis: Any) -> None:
+    """Log-axis ticks at 1, 2, 5 x 10^k labelled as plain numbers (no crowded minor-tick labels on short ranges)."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def smoothing_window(n: int, smooth: int | None) -> int:
+    """Samples per moving average: `smooth` when given, else 1/40 of the series (at least 1)."""
+    return max(1, n // 40) if smooth is None else max(1, int(smooth))

@@ -265,9 +265,10 @@ def certify(
 
     loss: the loss argument of find_symmetries and check_constraints (symmetry/loss.py): "cross_entropy" /
     "softmax" (targets: the given ones, or seeded random class indices over the class axis of the logits),
-    "next_token" / "masked_token" (token logits (B, T, V), targets (B, T)), "mse" / None (against the given
-    targets, or seeded random ones), a callable loss(outputs) -> scalar, a callable loss(outputs, targets) with
-    `targets`, or a LossSpec. The outputs compared are those the loss reads (`LossSpec.reads`).
+    "next_token" / "causal_lm" / "masked_token" (token logits (B, T, V), targets (B, T)), "mse" / None (against
+    the given targets, or seeded random ones), a callable loss(outputs) -> scalar, a callable
+    loss(outputs, targets) with `targets`, or a LossSpec. The outputs compared are those the loss reads
+    (`LossSpec.reads`).
     perturbation: eps of the generic point (symmetry/generic_point.py; 0: the model's own parameters).
     tol: an action passes when its relative change of the loss (and, for scale/rescale, of the outputs) is at
     most tol times the baseline's, a random move of the same coordinates by the same distance (or is float64

@@ -7,7 +7,8 @@ one function, `as_loss_spec`, into a `LossSpec`:
 | argument                   | kind    | find_symmetries captures    | certify / check_constraints   | compared  |
 |----------------------------|---------|-----------------------------|-------------------------------|-----------|
 | "cross_entropy", "softmax" | softmax | sum(log_softmax(z, axis))   | cross_entropy(z, targets)     | logits z  |
-| "next_token"               | softmax | sum(log_softmax(z[:, :-1])) | CE(z[:, :-1], targets[:, 1:]) | z[:, :-1] |
+| "next_token"               | softmax | sum(log_softmax(z, -1))     | CE(z, targets) over V         | logits z  |
+| "causal_lm"                | softmax | sum(log_softmax(z[:, :-1])) | CE(z[:, :-1], targets[:, 1:]) | z[:, :-1] |
 | "masked_token"             | softmax | sum(log_softmax(z, -1))     | CE(z, targets), -100 ignored  | logits z  |
 | "mse", "none", None        | plain   | the outputs themselves      | sum of mse(output, target)    | outputs   |
 | loss(outputs) -> scalar    | custom  | loss(outputs)               | loss(outputs)                 | its reads |
@@ -17,7 +18,7 @@ one function, `as_loss_spec`, into a `LossSpec`:
 * The softmax stand-in: cross-entropy with any targets is a function of log_softmax over the class axis at
   the positions it scores, and every entry of it is reached by some target, so the symmetries that hold for
   every target are those of log_softmax(z) at those positions; sum(log_softmax(z)) over them is the graph
-  the detector reads (docs/theory.md section 1, translation). The next-token stand-in slices off the last
+  the detector reads (docs/theory.md section 1, translation). The causal_lm stand-in slices off the last
   position, exactly as the real loss does, so it reads exactly what the real loss reads.
 * The logits z of an output (`outputs.locate_logits`): the tensor itself, a dict's (or Hugging Face output's)
   "logits", an object's `.logits`, or the first tensor of a tuple. Certify compares only what the loss reads
@@ -28,10 +29,12 @@ one function, `as_loss_spec`, into a `LossSpec`:
   own softmax over the vocabulary, the convention of sequence models), and axis 1 for every other rank
   ((N, C), (N, C, H, W) segmentation, (N, C, D, H, W): `F.cross_entropy`'s convention). A per-position
   classifier that returns (N, C, L) needs `LossSpec.cross_entropy(class_dim=1)`.
-* Token losses: "next_token" scores the logits at position t against the target at t + 1 (targets (B, T)
-  aligned with the inputs, typically the input ids themselves; the last position is not scored);
-  "masked_token" scores every position whose target is not -100 (targets (B, T), -100 where no token is
-  predicted, the masked-LM convention). Both take the softmax over the last axis.
+* Token losses (softmax over the last axis, the vocabulary): "next_token" scores the logits at position t
+  against the target at t, targets (B, T) being the NEXT token ids (already shifted: the pairs the "tokens"
+  dataset yields, and the training objective of the same name, experiments/objectives.py); "causal_lm" takes
+  targets aligned with the inputs (typically the input ids themselves, Hugging Face's `labels=input_ids`) and
+  scores position t against target t + 1 (the last position is not scored); "masked_token" scores every position
+  whose target is not -100 (targets (B, T), -100 where no token is predicted, the masked-LM convention).
 * Targets: certify uses the given ones or seeded random ones (class indices over the class axis, every
   position scored; standard normal for mse); check_constraints takes them from its (inputs, targets) batch.
   For mse with several output tensors, targets are a list with one tensor per output tensor (pytree order).
@@ -147,7 +150,7 @@ class LossSpec:
         if not isinstance(self.target_offset, int) or self.target_offset < 0 or (
                 self.target_offset and self.kind != "softmax"):
             raise LossSpecError(f"target_offset must be an int >= 0 of a softmax loss, got {self.target_offset!r}",
-                                "use LossSpec.next_token() for next-token prediction")
+                                "use LossSpec.next_token(shift=True) for targets aligned with the inputs")
 
     # -- constructors ------------------------------------------------------------------------------------------
 
@@ -158,9 +161,13 @@ class LossSpec:
         return cls("softmax", name, class_dim=class_dim)
 
     @classmethod
-    def next_token(cls, *, name: str = "next_token") -> LossSpec:
-        """Causal LM loss: logits (B, T, V) at position t against targets (B, T) at t + 1 (softmax over V)."""
-        return cls("softmax", name, class_dim=-1, target_offset=1)
+    def next_token(cls, *, shift: bool = False, name: str | None = None) -> LossSpec:
+        """Next-token loss over token logits (B, T, V) (softmax over V). shift=False ("next_token"): targets (B, T)
+        are the next token ids, position t scored against target t; shift=True ("causal_lm"): targets aligned with
+        the inputs (labels = input_ids), position t scored against target t + 1."""
+        if shift:
+            return cls("softmax", name or "causal_lm", class_dim=-1, target_offset=1)
+        return cls("softmax", name or "next_token", class_dim=-1)
 
     @classmethod
     def masked_token(cls, *, name: str = "masked_token") -> LossSpec:
@@ -206,7 +213,7 @@ class LossSpec:
             raise LossSpecError(
                 f"loss {self.name!r} scores position t against the target at t + {self.target_offset}, which needs "
                 f"logits (B, T, V) with T > {self.target_offset}; got shape {tuple(logits.shape)}",
-                "feed sequences of at least two tokens, or use loss='masked_token' / 'cross_entropy'")
+                "feed sequences of at least two tokens, or use loss='next_token' with targets already shifted")
         return seq
 
     def scored_leaf(self, outputs: Any) -> Leaf:
@@ -376,6 +383,7 @@ NAMED_LOSSES: dict[str, LossSpec] = {
     "cross_entropy": LossSpec.cross_entropy(),
     "softmax": LossSpec.cross_entropy(name="softmax"),
     "next_token": LossSpec.next_token(),
+    "causal_lm": LossSpec.next_token(shift=True),
     "masked_token": LossSpec.masked_token(),
     "mse": LossSpec.plain("mse"),
     "none": LossSpec.plain("none"),

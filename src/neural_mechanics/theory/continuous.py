@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from neural_mechanics.errors import NMechError
+from neural_mechanics.theory.errors import TheoryError
 from neural_mechanics.theory.hyper import Hyper
 
 __all__ = ["PaperPrediction", "cos_sinc", "momentum_propagator"]
@@ -87,9 +87,9 @@ class PaperPrediction:
     def __init__(self, quadratic: Tensor | bool, charge0: Tensor, *, prefactor: Prefactor = "derived",
                  integrand: Integrand = "grad", rate0: Tensor | None = None):
         if prefactor not in ("derived", "reference"):
-            raise NMechError(f"unknown prefactor {prefactor!r}", "use 'derived' or 'reference'")
+            raise TheoryError(f"unknown prefactor {prefactor!r}", "use 'derived' or 'reference'")
         if integrand not in ("grad", "update"):
-            raise NMechError(f"unknown integrand {integrand!r}", "use 'grad' or 'update'")
+            raise TheoryError(f"unknown integrand {integrand!r}", "use 'grad' or 'update'")
         charge0 = torch.as_tensor(charge0)
         self.charge: Tensor = (charge0 if charge0.is_floating_point() else charge0.double()).clone()
         """Predicted charge at the current time t_k."""

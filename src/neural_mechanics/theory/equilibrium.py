@@ -15,29 +15,40 @@ time average,
     |delta theta_A|^2 / |theta_A|^2 = 2 eta lambda (1 - tau) / (1 + beta)
 
 (the paper's sqrt(2 eta lambda / (1 + beta)) at tau = 0; that is the whole step, whose tangential part is
-the angular update up to O(eta lambda)). The effective learning rate of a scale-invariant group is eta / S.
-All functions take tensors (or floats) and broadcast.
+the angular update up to O(eta lambda)); all of it needs dampening tau < 1 (at tau = 1 the gradient never enters the
+buffer and there is no equilibrium). The effective learning rate of a scale-invariant group is eta / S.
+All functions take tensors, floats or numpy arrays and broadcast (float64 tensors out).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "angular_update",
     "effective_lr",
+    "norm_relaxation_rate",
     "relaxation_steps",
     "scale_equilibrium",
+    "scale_equilibrium_from_grad",
     "scale_equilibrium_momentum",
 ]
 
-Num = Tensor | float
+Num = Tensor | float | np.ndarray
+
+
+def _f64(x: Num) -> Tensor:
+    """x as a float64 tensor (a numpy array is copied: it may be read-only, e.g. a pandas column's values)."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.array(x, dtype=np.float64))
+    return torch.as_tensor(x, dtype=torch.float64)
 
 
 def scale_equilibrium(lr: Num, weight_decay: Num, grad_sq: Num) -> Tensor:
     """S_eq = eta <g, D g> / (2 lambda - eta lambda^2): the fixed point of plain SGD's charge recurrence."""
-    lr, wd, g = (torch.as_tensor(x, dtype=torch.float64) for x in (lr, weight_decay, grad_sq))
+    lr, wd, g = (_f64(x) for x in (lr, weight_decay, grad_sq))
     return lr * g / (2 * wd - lr * wd * wd)
 
 
@@ -48,9 +59,33 @@ def scale_equilibrium_momentum(lr: Num, weight_decay: Num, velocity_sq: Num, mom
     Exact for time averages of the discrete heavy-ball recurrence; reduces to the plain-SGD value at beta = 0
     (where b = d and <d, D d> = <g, D g> + lambda^2 S).
     """
-    lr, wd, v, beta, tau = (torch.as_tensor(x, dtype=torch.float64)
-                            for x in (lr, weight_decay, velocity_sq, momentum, dampening))
+    lr, wd, v, beta, tau = (_f64(x) for x in (lr, weight_decay, velocity_sq, momentum, dampening))
     return lr * (1 + beta) * v / (2 * wd * (1 - tau))
+
+
+def scale_equilibrium_from_grad(lr: Num, weight_decay: Num, grad_sq: Num, momentum: Num = 0.0,
+                                dampening: Num = 0.0) -> Tensor:
+    """S_eq from the gradient: `scale_equilibrium` at beta = 0, else eta (1 - tau) <g, D g> / (2 lambda (1 - beta)).
+
+    With momentum, minibatch gradients uncorrelated across steps give E<b, D b> = (1 - tau)^2 <g, D g> / (1 - beta^2),
+    and `scale_equilibrium_momentum` becomes this (the plain-SGD value with eta -> eta (1 - tau) / (1 - beta)).
+    What a figure can draw from a run's logged gradient norms alone.
+    """
+    lr, wd, g, beta, tau = (_f64(x) for x in (lr, weight_decay, grad_sq, momentum, dampening))
+    sgd = lr * g / (2 * wd - lr * wd * wd)
+    mom = lr * (1 - tau) * g / (2 * wd * (1 - beta))
+    return torch.where(beta == 0, sgd, mom)
+
+
+def norm_relaxation_rate(lr: Num, weight_decay: Num, momentum: Num = 0.0, dampening: Num = 0.0) -> Tensor:
+    """a in (1/S) dS/dt = a (S_eq / S - 1), time t = eta k: the pull of a scale charge towards its equilibrium.
+
+    beta = 0: a = 2 lambda - eta lambda^2, exact in expectation (divide S_{k+1} - S_k = -(2 eta lambda - eta^2
+    lambda^2) S_k + eta^2 <g, D g> by eta S_k and use `scale_equilibrium`); beta > 0: a = 2 lambda (1 - tau) /
+    (1 - beta), leading order in eta lambda (the weight decay is carried by the buffer).
+    """
+    lr, wd, beta, tau = (_f64(x) for x in (lr, weight_decay, momentum, dampening))
+    return torch.where(beta == 0, 2 * wd - lr * wd * wd, 2 * wd * (1 - tau) / (1 - beta))
 
 
 def angular_update(lr: Num, weight_decay: Num, momentum: Num = 0.0, dampening: Num = 0.0) -> Tensor:
@@ -59,7 +94,7 @@ def angular_update(lr: Num, weight_decay: Num, momentum: Num = 0.0, dampening: N
     beta = 0: sin(angle) = sqrt(2 eta lambda - eta^2 lambda^2) (exact);
     beta > 0: |delta theta_A| / |theta_A| = sqrt(2 eta lambda (1 - tau) / (1 + beta)) (whole step, exact in the mean).
     """
-    lr, wd, beta, tau = (torch.as_tensor(x, dtype=torch.float64) for x in (lr, weight_decay, momentum, dampening))
+    lr, wd, beta, tau = (_f64(x) for x in (lr, weight_decay, momentum, dampening))
     sgd = torch.sqrt(2 * lr * wd - lr * lr * wd * wd)
     mom = torch.sqrt(2 * lr * wd * (1 - tau) / (1 + beta))
     return torch.where(beta == 0, sgd, mom)
@@ -67,7 +102,7 @@ def angular_update(lr: Num, weight_decay: Num, momentum: Num = 0.0, dampening: N
 
 def effective_lr(lr: Num, charge: Num) -> Tensor:
     """eta / S: the learning rate a scale-invariant group feels on its unit sphere."""
-    return torch.as_tensor(lr, dtype=torch.float64) / torch.as_tensor(charge, dtype=torch.float64)
+    return _f64(lr) / _f64(charge)
 
 
 def relaxation_steps(lr: Num, weight_decay: Num, momentum: Num = 0.0, dampening: Num = 0.0) -> Tensor:
@@ -78,7 +113,7 @@ def relaxation_steps(lr: Num, weight_decay: Num, momentum: Num = 0.0, dampening:
     solves r^2 - (1 + beta - eps) r + beta = 0 (|r| = sqrt(beta) when the roots are complex). For eta lambda << 1 this
     is ~ 1 / (2 eta lambda) and ~ (1 - beta) / (2 eta lambda (1 - tau)) (the slow mode of the paper's oscillator).
     """
-    lr, wd, beta, tau = (torch.as_tensor(x, dtype=torch.float64) for x in (lr, weight_decay, momentum, dampening))
+    lr, wd, beta, tau = (_f64(x) for x in (lr, weight_decay, momentum, dampening))
     eps = lr * wd * (1 - tau)
     tr = 1 + beta - eps
     disc = tr * tr - 4 * beta

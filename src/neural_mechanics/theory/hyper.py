@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from neural_mechanics.errors import TrackerError
+from neural_mechanics.theory.errors import TheoryError
 
 Num = Tensor | float | bool
 
@@ -79,7 +79,7 @@ class Hyper:
         for name in _BOOL_FIELDS:
             vals[name] = torch.as_tensor(bool(group.get(name, False))).to(device)
         if "lr" not in group:
-            raise TrackerError("the param_group has no 'lr'", "pass a torch.optim.SGD param_group")
+            raise TheoryError("the param_group has no 'lr'", "pass a torch.optim.SGD param_group")
         return cls(**vals)
 
     @classmethod

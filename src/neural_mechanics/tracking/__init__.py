@@ -1,1 +1,1 @@
-"""Online tracking of charges during training (Tracker), its segment reductions, and the run store."""
+"""Online tracking of charges during training: the Tracker (hooks), its optimizer strategies, sinks and run store."""

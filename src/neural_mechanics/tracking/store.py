@@ -31,15 +31,18 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from neural_mechanics.errors import RunStoreError
 from neural_mechanics.symmetry.groups import SymmetrySet
+from neural_mechanics.tracking.metrics import LAYER_AGGREGATES, PREDICTION_COLUMNS
 
 SCHEMA_VERSION = 1
 TABLES = ("groups", "layers", "metrics")
@@ -48,20 +51,13 @@ _KEYS = {"groups": ["step", "group"], "layers": ["step", "layer", "kind"], "metr
 
 GROUP_COLUMNS: dict[str, pa.DataType] = {
     "step": pa.int64(), "group": pa.string(), "kind": pa.string(), "layer": pa.string(),
-    "measured": pa.float64(), "predicted_exact": pa.float64(), "predicted_breaking": pa.float64(),
-    "predicted_paper": pa.float64(), "breaking": pa.float64(), "breaking_term": pa.float64(),
-    "lr": pa.float64(), "norm": pa.float64(), "grad_norm": pa.float64(), "angular_update": pa.float64(),
-    "valid": pa.bool_(),
+    "measured": pa.float64(), **dict.fromkeys(PREDICTION_COLUMNS, pa.float64()), "breaking": pa.float64(),
+    "breaking_term": pa.float64(), "lr": pa.float64(), "norm": pa.float64(), "grad_norm": pa.float64(),
+    "angular_update": pa.float64(), "valid": pa.bool_(),
 }
-LAYER_COLUMNS: dict[str, pa.DataType] = {
-    "step": pa.int64(), "layer": pa.string(), "kind": pa.string(), "n_groups": pa.int64(), "n_valid": pa.int64(),
-    "mean_charge": pa.float64(),
-    "err_exact_max": pa.float64(), "err_exact_median": pa.float64(),
-    "err_breaking_max": pa.float64(), "err_breaking_median": pa.float64(),
-    "err_paper_max": pa.float64(), "err_paper_median": pa.float64(),
-    "grad_norm": pa.float64(), "angular_update_median": pa.float64(), "effective_lr_median": pa.float64(),
-    "lr": pa.float64(),
-}
+_LAYER_TYPES = {"step": pa.int64(), "layer": pa.string(), "kind": pa.string(), "n_groups": pa.int64(),
+                "n_valid": pa.int64()}
+LAYER_COLUMNS: dict[str, pa.DataType] = {c: _LAYER_TYPES.get(c, pa.float64()) for c in LAYER_AGGREGATES}
 METRIC_COLUMNS: dict[str, pa.DataType] = {
     "step": pa.int64(), "split": pa.string(), "name": pa.string(), "value": pa.float64(),
 }
@@ -114,13 +110,9 @@ def _parts(table_dir: Path) -> list[tuple[int, Path]]:
 
 
 def package_versions() -> dict[str, str]:
-    import torch
-
     try:
-        from importlib.metadata import version
-
         nm_version = version("neural-mechanics")
-    except Exception:
+    except PackageNotFoundError:
         nm_version = "unknown"
     return {"python": sys.version.split()[0], "torch": torch.__version__, "neural_mechanics": nm_version,
             "pyarrow": pa.__version__, "pandas": pd.__version__}

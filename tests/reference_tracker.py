@@ -1,7 +1,8 @@
 """Brute-force reference tracker: dense masks, explicit update vectors, scalar recurrences per group.
 
-This is the slow, obviously-correct twin of `Tracker`, for tests only. At every step it copies all
-parameters, builds the update u_k of torch.optim.SGD explicitly (in float64, docs/theory.md section 5)
+This is the slow, obviously-correct twin of `Tracker`, a test oracle (kept in tests/, not in the package). At
+every step it copies all parameters, builds the update u_k of torch.optim.SGD explicitly (in float64,
+docs/theory.md section 5)
 
     d = g + lambda theta (g -> -g under maximize),  b = d (first buffered step) | beta b_prev + (1 - tau) d,
     u = d | b | d + beta b,
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from neural_mechanics.symmetry.groups import Symmetry
 from neural_mechanics.symmetry.kinds import KINDS
-from neural_mechanics.tracking.tracker import resolve_parameters
+from neural_mechanics.tracking.parameters import resolve_parameters
 
 
 class ReferenceTracker:

@@ -1,0 +1,95 @@
+"""Any torch.optim.Optimizer without its own strategy (Adam, AdamW, RMSprop, unknown ones): measure, do not predict.
+
+No prediction applies (`theory/applicability.py` says why: an adaptive preconditioner is not equivariant under
+the symmetry, so the step's <D theta_k, u_k> is not fixed by the charge), so every prediction is NaN and every
+row `valid=False`. What the strategy measures instead, at log steps only, is the optimizer's own breaking of the
+law: with the update u_k = (theta_k - theta_{k+1}) / eta_k read from the step itself,
+
+    breaking_term = <v, u_k>   (v = D theta_k for quadratic charges, 1_A for translation)
+    angular_update = |theta_{k+1} - theta_k|_A / |theta_k|_A   (scale groups)
+
+which needs a copy of every tracked parameter at the pre hook of a log step (the memory of one extra model copy,
+only then); between log steps the strategy costs nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from neural_mechanics.theory.sgd_measurements import TINY
+from neural_mechanics.tracking.products import Fields, Product
+from neural_mechanics.tracking.rows import Row, base_row
+from neural_mechanics.tracking.strategies.base import Applies, StepContext, Strategy, StrategySetup
+from neural_mechanics.tracking.strategies.registry import register_strategy
+
+__all__ = ["AnyOptimizerStrategy"]
+
+_STEP_SQ = Product("step_sq", "delta", "delta", signed=False)
+
+
+@register_strategy(torch.optim.Optimizer)
+class AnyOptimizerStrategy(Strategy):
+    """Measured charges and the optimizer's breaking term <v, u_k>; no predictions (see the module docstring)."""
+
+    name = "any_optimizer"
+    exact_theory = False
+    memory_note = "one copy of every tracked parameter at log steps (optimizer term)"
+
+    def __init__(self, setup: StrategySetup):
+        super().__init__(setup)
+        self._prev: dict[str, Tensor] = {}
+        self._delta: dict[str, Tensor] = {}
+        self._pending: list[Row | None] = [None] * len(self.families)
+        self._started = False
+        self.fields = Fields(self.params, {"prev": self._prev.get, "delta": self._delta.get})
+
+    def note(self) -> str:
+        reason = self.verdict(self.optimizer.param_groups[0] if self.optimizer.param_groups else {}).exact.reason
+        return (f"optimizer {type(self.optimizer).__name__} has no exact theory ({reason}); breaking_term holds "
+                "the measured <D theta_k, u_k>, u_k = (theta_k - theta_{k+1}) / eta_k")
+
+    def _rows(self, ctx: StepContext, applies: Applies, with_grad: bool) -> list[Row | None]:
+        rows: list[Row | None] = []
+        for fam, hp, masks in zip(self.families, ctx.hypers, applies.masks, strict=True):
+            need = [fam.charge, fam.norm_sq, *([fam.grad_sq] if with_grad else [])]
+            out = ctx.reduce(fam, need, self.fields)
+            lr = torch.as_tensor(hp.lr, dtype=torch.float64, device=self.device)
+            rows.append(base_row(fam, out["C"], out["norm2"], out.get("gnorm2"), lr, fam.valid & masks["exact"]))
+        return rows
+
+    def pre_step(self, ctx: StepContext, applies: Applies) -> None:
+        self._started = True
+        if not ctx.log:
+            return
+        self._prev.clear()
+        self._prev.update({name: p.detach().clone() for name, p in self.params.items()})
+        self._pending = self._rows(ctx, applies, with_grad=True)
+
+    def post_step(self, ctx: StepContext, applies: Applies) -> list[Row | None] | None:
+        """At log steps, per group <v, u_k> with u_k = (theta_k - theta_{k+1}) / eta_k, and the angular update."""
+        if not ctx.log:
+            return None
+        rows, self._pending = self._pending, [None] * len(self.families)
+        for fam, hp, row in zip(self.families, ctx.hypers, rows, strict=True):
+            if row is None:
+                continue
+            self._delta.clear()
+            self._delta.update({name: self._prev[name] - self.params[name].detach() for name in fam.table.params})
+            need = [fam.pairing("term", "delta", at="prev"), *([_STEP_SQ] if fam.quadratic else [])]
+            out = ctx.reduce(fam, need, self.fields)
+            lr = torch.as_tensor(hp.lr, dtype=torch.float64, device=self.device)
+            eta = torch.where(lr != 0, lr, torch.full_like(lr, float("nan")))
+            row["breaking_term"] = out["term"] / eta
+            if fam.quadratic:
+                ang = torch.sqrt(out["step_sq"] / row["measured"].abs().clamp_min(TINY))
+                row["angular_update"] = torch.where(fam.is_scale, ang, torch.nan)
+        self._prev.clear()
+        self._delta.clear()
+        return rows
+
+    def log_rows(self, ctx: StepContext, applies: Applies) -> list[Row | None]:
+        return self._rows(ctx, applies, with_grad=False)
+
+    def ready(self, step: int) -> bool:
+        return self._started or step > 0
