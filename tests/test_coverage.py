@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import pytest
 import torch
@@ -20,10 +19,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import neural_mechanics as nm
-from neural_mechanics import cli
 from neural_mechanics.symmetry.coverage import covered_entries, empty_message
 from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet
 from neural_mechanics.symmetry.utils import TRACING_LOGGERS, quiet_logs
+from test_cli import run  # `nmech ARGS` in-process -> (exit code, stdout, stderr); capfd works as capsys
 
 torch.set_num_threads(1)
 
@@ -201,19 +200,6 @@ def test_json_keeps_the_list_and_the_full_form_carries_the_meta():
     assert set(full) == {"symmetries", "meta"} and full["meta"]["coverage"]["params_in_groups"] == 99
     back = SymmetrySet.from_json(found.to_json(with_meta=True))
     assert [g.name for g in back] == [g.name for g in found] and back.meta["coverage"] == found.meta["coverage"]
-
-
-def run(monkeypatch, capfd, *args: str) -> tuple[int, str, str]:
-    """`nmech ARGS` in-process; (exit code, stdout, stderr) captured at the file-descriptor level, where torch's log
-    handlers write."""
-    monkeypatch.setattr(sys, "argv", ["nmech", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 def test_cli_prints_the_coverage_block_and_the_full_json(monkeypatch, capfd):
