@@ -36,7 +36,7 @@ __all__ = ["EXTENDING", "coverage_lines", "covered_entries", "empty_message"]
 
 
 def covered_entries(symmetries: Iterable[Any], shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """Per parameter touched by a group: how many of its entries belong to at least one group (exact).
+    """Per parameter with entries in a group: how many of its entries belong to at least one group (exact).
 
     symmetries: `Symmetry` objects (groups.py, which imports this module, so they are not annotated as such).
     """
@@ -63,7 +63,7 @@ def covered_entries(symmetries: Iterable[Any], shapes: Mapping[str, Sequence[int
             continue
         free = math.prod(n for d, n in enumerate(shape) if d not in slices[p])
         out[p] = math.prod(shape) - math.prod(shape[d] - len(idx) for d, idx in slices[p].items()) * free
-    return out
+    return {p: n for p, n in out.items() if n}  # a block member whose index sets do not meet covers nothing
 
 
 def _count_on_table(shape: tuple[int, ...], slices: Mapping[int, set[int]],
