@@ -1,5 +1,6 @@
 """Distributed training: `nmech train` under torchrun (2 CPU processes, gloo, loopback) equals one process with the
-same global batch; FSDP-sharded models are refused with a TrackerError.
+same global batch; a model spec that returns an already sharded model, and FSDP1, are refused with a TrackerError
+(FSDP2 itself runs: tests/test_fsdp.py).
 
 The model has no BatchNorm on purpose: under DDP BatchNorm normalises with per-rank batch statistics, so a BN
 model on 2 ranks is not the same computation as one process with the global batch (see train.py).
@@ -112,7 +113,9 @@ def single_rank_group():
         dist.destroy_process_group()
 
 
-def test_fsdp_sharded_models_are_refused(single_rank_group, tmp_path, monkeypatch):
+def test_already_sharded_models_and_fsdp1_are_refused(single_rank_group, tmp_path, monkeypatch):
+    """nmech train detects the symmetries on the whole model and shards it itself (distributed.strategy=fsdp2):
+    a model spec returning a sharded model is refused before anything is written."""
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
     from neural_mechanics.experiments import train as train_mod
@@ -126,11 +129,12 @@ def test_fsdp_sharded_models_are_refused(single_rank_group, tmp_path, monkeypatc
     monkeypatch.setattr(train_mod, "resolve_model", fsdp2_model)
     with pytest.raises(TrackerError, match="sharded with FSDP") as info:
         run_training(tiny_cfg("steps=2"), run_dir=tmp_path / "r", progress=False)
-    assert "DistributedDataParallel" in (info.value.fix or "")
+    assert "distributed.strategy=fsdp2" in (info.value.fix or "")
     assert not (tmp_path / "r" / "manifest.json").exists()
 
     with pytest.warns(UserWarning):  # world size 1: FSDP1 falls back to NO_SHARD but is still the wrapper
         wrapped = FullyShardedDataParallel(torch.nn.Linear(3, 2), device_id=torch.device("cpu"))
-    with pytest.raises(TrackerError, match="FullyShardedDataParallel"):
+    with pytest.raises(TrackerError, match=r"FSDP1.*FullyShardedDataParallel") as info:
         check_not_sharded(wrapped)
+    assert "fully_shard" in (info.value.fix or "")
     check_not_sharded(torch.nn.Linear(3, 2))  # plain modules pass

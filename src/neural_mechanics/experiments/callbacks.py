@@ -6,7 +6,9 @@
     TrainMetrics    log train loss, accuracy (when the objective has one) and lr every `log_every` steps and at
                     the last step
     Evaluation      evaluate every `eval_every` steps (not at the last step) and once at the end of a finished run
-    RankAgreement   under DDP with the tracker: how far the ranks' tracker states drifted apart (0.0 = exactly equal)
+                    (a sharded model: in lockstep, every forward being a collective)
+    RankAgreement   under DDP or FSDP2 with the tracker: how far the ranks' tracker states drifted apart (0.0 =
+                    exactly equal)
     Checkpointing   checkpoint every `every` steps, and at the end when asked to or when the run stops unfinished
     ProgressBar     the rich progress bar (loss, accuracy, steps/s, ETA) on rank 0
 """
@@ -60,12 +62,13 @@ class Evaluation(Callback):
     run; the numbers go to `loop.metrics` as eval_* and to the rows under the split's name."""
 
     def __init__(self, model: Any, data: DatasetInfo, rows: MetricRows, split: str, every: int, *, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, lockstep: bool = False):
         self.model, self.data, self.rows, self.split, self.every = model, data, rows, split, every
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.lockstep = rank, world, lockstep
 
     def _evaluate(self, loop: TrainLoop) -> None:
-        ev = evaluate(self.model, self.data, loop.device, rank=self.rank, world=self.world, objective=loop.objective)
+        ev = evaluate(self.model, self.data, loop.device, rank=self.rank, world=self.world, objective=loop.objective,
+                      lockstep=self.lockstep)
         loop.metrics.update({f"eval_{k}": v for k, v in ev.items()})
         self.rows.log(loop.step, self.split, **ev)
 

@@ -5,6 +5,10 @@ step, the config and the metric rows logged at that step. It is written atomical
 rename: a reader sees the old or the new file) and read only with `torch.load(weights_only=True)`, so a
 checkpoint never runs code. A resume refuses a checkpoint whose config differs from the current one in a key
 that changes the trajectory (`config_mismatch`), or that does not fit the model and optimizer.
+
+A sharded model's checkpoint is a directory (`experiments.fsdp.ShardedCheckpointer`): the model and optimizer
+shards through torch.distributed.checkpoint, everything else as here in its `state.pt`; `load_checkpoint` reads
+either kind.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from neural_mechanics.errors import RunStoreError
 from neural_mechanics.experiments.config import TrainConfig, config_to_dict
 from neural_mechanics.experiments.distributed import gather_rng_states, rng_state, set_rng_state
 from neural_mechanics.experiments.loop import MetricRows
-from neural_mechanics.experiments.rundir import store_error
+from neural_mechanics.experiments.rundir import SHARDED_STATE, store_error
 
 CHECKPOINT_FORMAT = 2
 #: Config keys that may change between a checkpoint and its resume (they do not change the trajectory).
@@ -46,9 +50,14 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with `torch.load(weights_only=True)` (never unpickles code); RunStoreError if unusable."""
+    """Read a checkpoint with `torch.load(weights_only=True)` (never unpickles code); RunStoreError if unusable.
+
+    A sharded checkpoint directory: its `state.pt`, with "sharded_dir" (the directory, where the model and optimizer
+    shards are) added.
+    """
+    sharded = path.is_dir()
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path / SHARDED_STATE if sharded else path, map_location=device, weights_only=True)
     except FileNotFoundError as exc:
         raise RunStoreError(f"checkpoint {path} does not exist", "run without --resume to start afresh") from exc
     except Exception as exc:
@@ -57,9 +66,12 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
                             "it is truncated, corrupt or holds code objects; delete it to restart the run from "
                             "step 0 with --resume (stored rows are then rewritten), or restore it from a backup"
                             ) from exc
-    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+    need = {"sharded", "step"} if sharded else {"model", "optimizer", "step"}
+    if not isinstance(state, dict) or not need <= set(state):
         raise RunStoreError(f"{path} is not a neural-mechanics training checkpoint",
                             "point --run-dir at a directory written by `nmech train`")
+    if sharded:
+        state["sharded_dir"] = str(path)
     return state
 
 
@@ -106,21 +118,39 @@ class Checkpointer:
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    @property
+    def run_dir(self) -> Path:
+        """The run directory the checkpoint lives in."""
+        return self.path.parent
+
     def save(self, step: int) -> None:
         """Write the checkpoint of optimizer step `step` (atomically), then flush what the run has buffered."""
         rng_ranks = gather_rng_states(self.world, self.device)  # collective: before rank 0 alone goes on
         if self.rank != 0:
             return
-        atomic_save({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": None if self.scaler is None else self.scaler.state_dict(),
-                     "tracker": None if self.tracker is None else self.tracker.state_dict(),
-                     "rng": rng_state(), "rng_ranks": rng_ranks, "step": step, "config": self.config,
-                     "metrics_at_step": self.metrics.state(step)}, self.path)
+        atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     **self.run_state(step, rng_ranks)}, self.path)
+        self.after_save()
+
+    def run_state(self, step: int, rng_ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything a checkpoint holds besides the model and the optimizer (rank 0 writes it)."""
+        return {"format": CHECKPOINT_FORMAT, "scheduler": self.scheduler.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "tracker": None if self.tracker is None else self.tracker.state_dict(),
+                "rng": rng_state(), "rng_ranks": rng_ranks, "step": step, "config": self.config,
+                "metrics_at_step": self.metrics.state(step)}
+
+    def after_save(self) -> None:
+        """Flush the rows buffered up to the checkpoint and the parameter trace (rank 0)."""
         if self.writer is not None:
             self.writer.flush()
         if self.trace is not None:
-            self.trace.save(self.path.parent)
+            self.trace.save(self.run_dir)
+
+    def load_model_optimizer(self, state: Mapping[str, Any]) -> None:
+        """Load the model and optimizer states (RuntimeError, KeyError or ValueError when they do not fit)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def restore(self, state: Mapping[str, Any]) -> int:
         """Load a checkpoint's state into the parts (this rank's RNG stream included); return its step.
@@ -129,8 +159,7 @@ class Checkpointer:
         a tracker the writer drops the rows stored after the checkpoint (a tracker does that itself on load).
         """
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.load_model_optimizer(state)
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])

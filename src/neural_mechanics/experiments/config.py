@@ -66,6 +66,20 @@ class TrackerConfig:
     kinds: tuple[str, ...] = ("translation", "scale", "rescale")
 
 
+#: `distributed.strategy` values: how the model is spread over the ranks of a torchrun run.
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How a run under torchrun (WORLD_SIZE > 1) spreads the model: "ddp" (DistributedDataParallel: a replica per
+    rank) or "fsdp2" (torch.distributed.fsdp.fully_shard: every parameter sharded by rows; sharded checkpoints).
+    One process ignores it, except that "fsdp2" keeps its checkpoint format (so a run can move between world
+    sizes). docs/distributed.md."""
+
+    strategy: str = "ddp"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. Exactly one of `steps` and `epochs` is set; eval/checkpoint intervals are in steps
@@ -89,6 +103,7 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str | None = None  # None: runs/<name>
     description: str = ""
 
@@ -142,6 +157,15 @@ def _validate(c: TrainConfig) -> None:
             "a step schedule needs milestones or step_size",
             "set schedule.milestones (e.g. [30, 60]) or schedule.step_size",
         )
+    strategy = c.distributed.strategy
+    check(strategy not in ("fsdp", "fsdp1"), "distributed.strategy",
+          f"{strategy!r} (FSDP1, FullyShardedDataParallel) is not supported: its flat parameters hide which rows a "
+          "rank holds, so the tracker cannot follow them", "use fsdp2 (fully_shard) or ddp")
+    check(strategy in DISTRIBUTED_STRATEGIES, "distributed.strategy", f"unknown strategy {strategy!r}",
+          f"use one of {', '.join(DISTRIBUTED_STRATEGIES)}")
+    check(not (strategy == "fsdp2" and c.precision == "fp16"), "precision",
+          "fp16 with distributed.strategy=fsdp2 is not supported (its gradient scaler is not shard-aware)",
+          "use precision bf16 (or fp32) with fsdp2")
     t = c.tracker
     check(t.log_every >= 1, "tracker.log_every", f"must be >= 1, got {t.log_every}", "e.g. 10")
     unknown = [k for k in t.kinds if k not in KINDS]

@@ -1,8 +1,9 @@
 """The optimizer-step loop, and the events it emits to callbacks.
 
 One step is deliberately ordinary (the tracker must work on anybody's loop): zero_grad, `micro_per_step`
-micro-batches of forward + loss backward (under DDP, `no_sync` for all but the last; under fp16 through the
-grad scaler), the loss and accuracy all-reduced over ranks, a finiteness check of the loss and of the global
+micro-batches of forward + loss backward (under DDP, `no_sync` for all but the last, under FSDP2 no gradient
+reduce-scatter for all but the last; under fp16 through the grad scaler), the loss and accuracy all-reduced
+over ranks, a finiteness check of the loss and of the global
 gradient norm (clipped to `grad_clip` if set), `optimizer.step()`, `scheduler.step()`. The tracker is not
 part of the loop: it rides on the optimizer's step hooks.
 
@@ -26,7 +27,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -137,6 +138,8 @@ class TrainLoop:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             sync = self.world == 1 or micro == m - 1
             no_sync = not sync and isinstance(net, nn.parallel.DistributedDataParallel)
+            if m > 1 and hasattr(net, "set_requires_gradient_sync"):  # FSDP2: accumulate unsharded, reduce at the end
+                cast(Any, net).set_requires_gradient_sync(sync)
             with net.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
@@ -183,12 +186,15 @@ class TrainLoop:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DatasetInfo, device: torch.device, batch_size: int = 512, *,
-             rank: int = 0, world: int = 1, objective: Objective = CLASSIFICATION) -> dict[str, float]:
+             rank: int = 0, world: int = 1, objective: Objective = CLASSIFICATION,
+             lockstep: bool = False) -> dict[str, float]:
     """Mean loss (per target element) and accuracy (if the objective has one) over a whole split, in eval mode
     (mode restored afterwards).
 
     Under DDP (world > 1) rank r evaluates samples r, r + world, ... (each sample exactly once, no padding) and
     the sums (loss, correct, count) are all-reduced, so every rank returns the whole split's numbers.
+    lockstep (a sharded model: every forward gathers the parameters, a collective): every rank runs as many
+    forwards as the rank with the most batches, repeating its last batch (or one sample) and counting nothing.
     """
     was_training = model.training
     model.eval()
@@ -197,6 +203,7 @@ def evaluate(model: nn.Module, data: DatasetInfo, device: torch.device, batch_si
         dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))  # type: ignore[arg-type]
     loader = make_loader(dataset, batch_size, shuffle=False)
     total, loss_sum, correct = 0, 0.0, 0
+    x = None
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         out = model(x)
@@ -204,6 +211,11 @@ def evaluate(model: nn.Module, data: DatasetInfo, device: torch.device, batch_si
         hits = objective.correct(out, y) if objective.has_accuracy else None
         correct += int(hits) if hits is not None else 0
         total += objective.count(y)
+    if lockstep:
+        most = math.ceil(math.ceil(len(data.dataset) / world) / batch_size)  # type: ignore[arg-type]
+        filler = x if x is not None else data.dataset[0][0].unsqueeze(0).to(device)
+        for _ in range(most - len(loader)):
+            model(filler)
     model.train(was_training)
     loss_sum, correct_f, total_f = all_reduce_sum([loss_sum, float(correct), float(total)], device, world)
     out_metrics = {"loss": loss_sum / max(total_f, 1.0)}

@@ -4,8 +4,13 @@ A new run never overwrites an existing one (`RunDirectory.prepare` refuses a dir
 a checkpoint or a stored table part unless resuming); resuming needs the directory and, unless the run died
 before its first checkpoint, its checkpoint (a finished run without one has nothing to resume). Before any
 work the directory is probed for writability, so an unwritable directory fails at once with nothing changed.
-What the run writes into it - tables and manifest through the tracking store, `checkpoint.pt` through
+What the run writes into it - tables and manifest through the tracking store, checkpoints through
 `experiments.checkpoint` - is written atomically, so a run killed at any moment leaves it readable.
+
+A checkpoint is `checkpoint.pt` (one file: single process and DDP) or, for a sharded model (FSDP2), a directory
+`checkpoint-<step>/` (every rank's shards through torch.distributed.checkpoint plus `state.pt`), written as
+`.checkpoint-<step>.tmp/` and renamed when complete: every `checkpoint-<step>/` is complete, and a resume takes
+the one of the highest step (`latest_checkpoint`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +27,9 @@ from neural_mechanics.errors import RunStoreError
 from neural_mechanics.experiments.distributed import barrier
 
 CHECKPOINT = "checkpoint.pt"
+SHARDED_STATE = "state.pt"
+"""The file of a sharded checkpoint directory holding everything but the model and optimizer shards."""
+_SHARDED_NAME = re.compile(r"checkpoint-(\d+)")
 _TABLE_DIRS = ("groups", "layers", "metrics")
 
 #: The note a run directory gets when --resume finds no checkpoint to resume from.
@@ -62,9 +72,22 @@ def manifest_status(path: Path) -> str | None:
         return None
 
 
+def sharded_checkpoint_name(step: int) -> str:
+    """The directory name of the sharded checkpoint of optimizer step `step` (sorts by step)."""
+    return f"checkpoint-{step:08d}"
+
+
+def sharded_checkpoints(path: Path) -> list[tuple[int, Path]]:
+    """The complete sharded checkpoints in `path` as (step, directory), by increasing step."""
+    if not path.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in path.iterdir() if (m := _SHARDED_NAME.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
 def has_run(path: Path) -> bool:
     """True when `path` holds (part of) a run: a manifest, a checkpoint, or a stored table part."""
-    if (path / "manifest.json").exists() or (path / CHECKPOINT).exists():
+    if (path / "manifest.json").exists() or (path / CHECKPOINT).exists() or sharded_checkpoints(path):
         return True
     return any(any(p.name.startswith("part-") for p in (path / t).iterdir())
                for t in _TABLE_DIRS if (path / t).is_dir())
@@ -80,7 +103,16 @@ class RunDirectory:
 
     @property
     def checkpoint(self) -> Path:
+        """The single-file checkpoint (single process, DDP)."""
         return self.path / CHECKPOINT
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint a resume continues from: the sharded one of the highest step, else `checkpoint.pt`,
+        else None."""
+        sharded = sharded_checkpoints(self.path)
+        if sharded:
+            return sharded[-1][1]
+        return self.checkpoint if self.checkpoint.is_file() else None
 
     def prepare(self, resume: bool) -> str | None:
         """Check that a run may start (or resume) here, probe writability, remove a half-written checkpoint.
@@ -90,7 +122,7 @@ class RunDirectory:
         ranks return only after every rank has inspected the directory and before rank 0 writes to it.
         """
         restart_note = None
-        if resume and not self.checkpoint.is_file():
+        if resume and self.latest_checkpoint() is None:
             if not self.path.is_dir():
                 raise RunStoreError(f"cannot resume: {self.path} does not exist",
                                     "check --run-dir, or run without --resume to start a new run")
@@ -106,5 +138,7 @@ class RunDirectory:
             probe_writable(self.path)
             for stale in self.path.glob(f".{CHECKPOINT}.tmp-*"):  # left by a run killed while checkpointing
                 stale.unlink(missing_ok=True)
+            for stale_dir in self.path.glob(".checkpoint-*.tmp"):  # a sharded checkpoint killed while written
+                shutil.rmtree(stale_dir, ignore_errors=True)
         barrier(self.world)  # every rank has inspected the run directory before rank 0 writes to it
         return restart_note

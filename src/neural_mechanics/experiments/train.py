@@ -43,8 +43,13 @@ Around it:
   BatchNorm under DDP normalises with per-rank batch statistics: a BN model trained on W ranks is NOT
   the same as one process with the global batch (it is one with W "ghost batches"). Its symmetries are
   still exact (each rank's loss is scale invariant), so the tracker's exact predictions still hold, but
-  a bit-for-bit comparison with a single process needs a model without BatchNorm. FSDP-sharded models
-  are refused with a TrackerError (see `tracking.sharding.check_not_sharded` and docs/distributed.md).
+  a bit-for-bit comparison with a single process needs a model without BatchNorm;
+- sharded (`distributed.strategy: fsdp2`, `experiments.fsdp`): the symmetries are detected (and the start-of-run
+  constraints checked) on the whole model, which is then sharded with FSDP2's `fully_shard`; the Tracker on the
+  sharded model sums per rank over its shards and all-reduces, so every rank again advances the same
+  predictions. Checkpoints are directories of shards (torch.distributed.checkpoint) written under a temporary
+  name and renamed when complete. A model spec that returns an already sharded model, and FSDP1, are refused
+  (`tracking.sharding`). docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -142,8 +147,9 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
     cfg_dict = config_to_dict(cfg)
     restart_note = run.prepare(resume)
     state: dict[str, Any] | None = None
-    if resume and restart_note is None:
-        state = load_checkpoint(run.checkpoint, device)
+    latest = run.latest_checkpoint()
+    if resume and restart_note is None and latest is not None:
+        state = load_checkpoint(latest, device)
         if state.get("config") is not None:
             diff = config_mismatch(state["config"], cfg_dict)
             if diff:
@@ -160,7 +166,8 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
     resolved = resolve_model(cfg.model, num_classes=cfg.num_classes or train_data.num_classes,
                              input_shape=train_data.input_shape)
     model = resolved.model.to(device).train()
-    if cfg.tracker.enabled:
+    fsdp = cfg.distributed.strategy == "fsdp2"
+    if cfg.tracker.enabled or fsdp:
         check_not_sharded(model)
     first_batch = next(iter(make_loader(train_data, max(2, min(cfg.batch_size, 16)), seed=cfg.seed)))
     check_pairing(model, objective, first_batch, cfg, device)
@@ -176,10 +183,18 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
     steps_per_epoch = max(len(loader) // micro_per_step, 1)
     total_steps = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 0) * steps_per_epoch)
     symmetries = _tracked_symmetries(cfg, model, first_batch[0], device, objective) if cfg.tracker.enabled else None
+    constraints_done = False
+    if fsdp and rank == 0 and state is None and symmetries is not None:  # while the model is whole
+        _save_constraints(model, symmetries, train_data, out_dir, cfg.seed, device, objective)
+        constraints_done = True
 
     # -- optimizer, tracker, run store ------------------------------------------------------------
     net: nn.Module = model
-    if world > 1:
+    if world > 1 and fsdp:
+        from neural_mechanics.experiments.fsdp import shard_model  # ~2 s of imports: only for sharded runs
+
+        net = shard_model(model, device, world)
+    elif world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(cfg.optimizer, net.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -198,22 +213,17 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
     except OSError as exc:
         raise store_error(exc, out_dir, "creating the run directory") from exc
     rows = MetricRows(writer)
-    trace = None
-    if tracker is not None and rank == 0:
-        previous = out_dir / "param_trace.parquet"
-        trace = ParamTrace(net, optimizer, symmetries or (), every=cfg.tracker.log_every, seed=cfg.seed,
-                           start_step=int(state["step"]) if state is not None else 0,
-                           previous=pd.read_parquet(previous) if state is not None and previous.is_file() else None)
-        if state is None and symmetries is not None:
-            _save_constraints(model, symmetries, train_data, out_dir, cfg.seed, device, objective)
+    if tracker is not None and rank == 0 and state is None and symmetries is not None and not constraints_done:
+        _save_constraints(model, symmetries, train_data, out_dir, cfg.seed, device, objective)
     if writer is not None and state is None:
         for note in (*train_data.notes, *(n for n in eval_data.notes if n not in train_data.notes)):
             writer.add_note(f"data: {note}")
 
     # -- resume -----------------------------------------------------------------------------------
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    checkpointer = Checkpointer(run.checkpoint, model, optimizer, scheduler, scaler, tracker, writer, trace, rows,
-                                cfg_dict, rank=rank, world=world, device=device)
+    checkpointer = _checkpointer_class(fsdp)(run.path if fsdp else run.checkpoint, model, optimizer, scheduler,
+                                             scaler, tracker, writer, None, rows, cfg_dict, rank=rank, world=world,
+                                             device=device)
     step = 0
     if state is not None:
         step = checkpointer.restore(state)
@@ -221,8 +231,16 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
         dropped = writer.truncate_from(0)
         writer.add_note(f"{restart_note} (dropped {dropped} stored rows)")
         writer.write_manifest()
+    trace = None
+    if tracker is not None and rank == 0:  # after the restore: it samples theta at its first step right away
+        previous = out_dir / "param_trace.parquet"
+        trace = ParamTrace(net, optimizer, symmetries or (), every=cfg.tracker.log_every, seed=cfg.seed,
+                           start_step=step,
+                           previous=pd.read_parquet(previous) if state is not None and previous.is_file() else None)
+        checkpointer.trace = trace
     if writer is not None and world > 1:
         writer.manifest["distributed"] = {"world_size": world, "backend": backend(device),
+                                          "strategy": cfg.distributed.strategy,
                                           "batchnorm": "per-rank batch statistics (not SyncBatchNorm)"}
     batches = endless_batches(loader, step * micro_per_step)
     if state is None and world > 1 and rank > 0:
@@ -233,7 +251,8 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
     callbacks: list[Callback] = [
         *([StopAfter(stop_after)] if stop_after is not None else []),
         TrainMetrics(rows, cfg.tracker.log_every),
-        Evaluation(model, eval_data, rows, cfg.dataset.eval_split, cfg.eval_every, rank=rank, world=world),
+        Evaluation(model, eval_data, rows, cfg.dataset.eval_split, cfg.eval_every, rank=rank, world=world,
+                   lockstep=fsdp and world > 1),
         *([agreement] if agreement is not None else []),
         Checkpointing(checkpointer, cfg.checkpoint_every),
         ProgressBar(cfg.name, console, enabled=progress and rank == 0),
@@ -265,6 +284,16 @@ def _run(cfg: TrainConfig, run: RunDirectory, resume: bool, console: Any, progre
     if tracker is not None and rank == 0 and loop.status == "finished":
         result.max_rel_error = max_relative_errors(out_dir)
     return result
+
+
+def _checkpointer_class(fsdp: bool) -> type[Checkpointer]:
+    """One file (`checkpoint.pt`, at run.checkpoint), or sharded directories in the run directory for
+    distributed.strategy=fsdp2 (on any world size, so a sharded run can resume on another one)."""
+    if fsdp:
+        from neural_mechanics.experiments.fsdp import ShardedCheckpointer  # ~2 s of imports: only for sharded runs
+
+        return ShardedCheckpointer
+    return Checkpointer
 
 
 def check_pairing(model: nn.Module, objective: Objective, batch: tuple[Any, Any], cfg: TrainConfig,

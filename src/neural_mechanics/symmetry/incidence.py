@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,7 +53,7 @@ Key = tuple[int, ...]
 Factor = Tensor | tuple[Tensor, Tensor] | None
 """One quantity of one parameter for `GroupIncidence.cells`: a field, a pair whose product is summed, or None (0)."""
 
-__all__ = ["CellBlock", "Factor", "GroupIncidence", "Key", "block_sums", "reduce_onto"]
+__all__ = ["CellBlock", "Factor", "GroupIncidence", "Key", "block_sums", "fill_cells", "reduce_onto", "segment_sum"]
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,50 @@ _GEMV_MAX = 64
 """Longest trailing run summed by a matrix-vector product (BLAS keeps several partial sums: exact enough)."""
 
 
+def segment_sum(cells: Tensor, cell: Tensor, group: Tensor, sign: Tensor, n: int, signed: bool = True) -> Tensor:
+    """[q, n] from cells [q, total] (or [total] -> [n]) and triples (cell, group, sign): out[q, i] = sum over the
+    triples (c, i, s) of s * cells[q, c] (|s| = 1 when not signed). One index_select and one index_add_."""
+    squeeze = cells.ndim == 1
+    cells = cells.reshape(1, -1) if squeeze else cells
+    vals = cells.index_select(1, cell)
+    if signed:
+        vals = vals * sign.to(vals.dtype)
+    out = torch.zeros((cells.shape[0], n), dtype=cells.dtype, device=cells.device)
+    out.index_add_(1, group, vals)
+    return out[0] if squeeze else out
+
+
 def _norm_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
 def _shape_of(v: Tensor | torch.Size | Sequence[int]) -> tuple[int, ...]:
     return tuple(v.shape) if isinstance(v, Tensor) else tuple(int(n) for n in v)
+
+
+def fill_cells(by_param: Mapping[str, Sequence[Any]], total_cells: int, device: torch.device | str,
+               factors: Callable[[str], Sequence[Factor]], n: int, dtype: torch.dtype = torch.float64,
+               read: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """[n, total_cells]: out[q, b.offset : b.offset + b.n_cells] = the sums of factors(param)[q] (x, or x * y for
+    a pair) onto block b's key, for every block b (with .key, .offset, .n_cells) of every parameter in `by_param`.
+
+    `read` maps each factor to the tensor to sum (a rank's local shard, for sharded tables); a factor that reads
+    as empty leaves its cells 0 (a sum over no entries).
+    """
+    out = torch.zeros((n, total_cells), dtype=dtype, device=device)
+    for name, blocks in by_param.items():
+        keys = [b.key for b in blocks]
+        for q, fac in enumerate(factors(name)):
+            if fac is None:
+                continue
+            x, y = fac if isinstance(fac, tuple) else (fac, None)
+            if read is not None:
+                x, y = read(x), None if y is None else read(y)
+            if x.numel() == 0:
+                continue
+            for b, t in zip(blocks, block_sums(x, y, keys, dtype), strict=True):
+                out[q, b.offset:b.offset + b.n_cells] = t
+    return out
 
 
 class GroupIncidence:
@@ -212,27 +251,11 @@ class GroupIncidence:
         `factors(name)` is called once per touched parameter and returns n items (None = identically zero);
         each product is formed once and reduced onto every key of that parameter (`block_sums`).
         """
-        out = torch.zeros((n, self.total_cells), dtype=dtype, device=self.device)
-        for name, blocks in self.by_param.items():
-            keys = [b.key for b in blocks]
-            for q, fac in enumerate(factors(name)):
-                if fac is None:
-                    continue
-                x, y = fac if isinstance(fac, tuple) else (fac, None)
-                for b, t in zip(blocks, block_sums(x, y, keys, dtype), strict=True):
-                    out[q, b.offset:b.offset + b.n_cells] = t
-        return out
+        return fill_cells(self.by_param, self.total_cells, self.device, factors, n, dtype)
 
     def segment_sum(self, cells: Tensor, signed: bool = True) -> Tensor:
         """[q, n]: out[q, i] = sum over the triples (c, i, s) of s * cells[q, c] (|s| = 1 when not signed)."""
-        squeeze = cells.ndim == 1
-        cells = cells.reshape(1, -1) if squeeze else cells
-        vals = cells.index_select(1, self.cell)
-        if signed:
-            vals = vals * self.sign.to(vals.dtype)
-        out = torch.zeros((cells.shape[0], self.n), dtype=cells.dtype, device=cells.device)
-        out.index_add_(1, self.group, vals)
-        return out[0] if squeeze else out
+        return segment_sum(cells, self.cell, self.group, self.sign, self.n, signed)
 
     def reduce_many(self, factors: Callable[[str], Sequence[Factor]], n: int, signed: bool = True) -> Tensor:
         """[n, groups] float64: per group sum_{A_i} D_i x y (or |D_i|) for each of the n factors."""

@@ -93,7 +93,9 @@ class PaperPrediction:
         charge0 = torch.as_tensor(charge0)
         self.charge: Tensor = (charge0 if charge0.is_floating_point() else charge0.double()).clone()
         """Predicted charge at the current time t_k."""
-        self.quadratic: Tensor = torch.as_tensor(quadratic, device=self.charge.device).to(torch.bool)
+        self.quadratic: Tensor = (quadratic.to(device=self.charge.device, dtype=torch.bool)
+                                  if isinstance(quadratic, Tensor)  # a flag by fill: no host-to-device copy on CUDA
+                                  else torch.full((), bool(quadratic), dtype=torch.bool, device=self.charge.device))
         self.quadratic = self.quadratic.expand_as(self.charge).clone()
         self.rate: Tensor = torch.zeros_like(self.charge) if rate0 is None else rate0.to(self.charge).clone()
         """d charge / dt (momentum model only)."""

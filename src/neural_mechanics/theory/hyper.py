@@ -31,7 +31,17 @@ _BOOL_FIELDS = ("nesterov", "maximize")
 def _as(x: Num, like: Tensor, dtype: torch.dtype) -> Tensor:
     if isinstance(x, Tensor):
         return x.to(device=like.device, dtype=dtype)
-    return torch.tensor(x, device=like.device, dtype=dtype)
+    return torch.full((), x, device=like.device, dtype=dtype)  # a fill: no host-to-device copy on CUDA
+
+
+def _filled(values: Sequence[float | bool], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`values` as a tensor on `device` made by fills, not copied from the host: on CUDA a copy from pageable host
+    memory synchronises with the host, and the tracker reads the param groups at every step (schedules)."""
+    out = torch.full((len(values),), values[0], dtype=dtype, device=device)
+    for j, v in enumerate(values[1:], start=1):
+        if v != values[0]:
+            out[j:j + 1].fill_(v)
+    return out
 
 
 class ResolvedHyper(NamedTuple):
@@ -98,7 +108,7 @@ class Hyper:
             if any(isinstance(r, Tensor) for r in raw):
                 table = torch.stack([torch.as_tensor(r).reshape(()).to(device=device, dtype=dt) for r in raw])
             else:
-                table = torch.tensor([bool(r) if dt == torch.bool else float(r) for r in raw], dtype=dt, device=device)
+                table = _filled([bool(r) if dt == torch.bool else float(r) for r in raw], dt, device)
             vals[name] = table.index_select(0, index)
         return cls(**vals)
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from neural_mechanics.symmetry.incidence import Factor, GroupIncidence
+from neural_mechanics.symmetry.incidence import Factor
 
-__all__ = ["FieldGetter", "Fields", "Product", "reduce_products"]
+__all__ = ["CellTable", "FieldGetter", "Fields", "Product", "reduce_products"]
 
 FieldGetter = Callable[[str], Tensor | None]
 """Parameter name -> the field's tensor for that parameter (None = identically zero)."""
@@ -54,7 +55,16 @@ class Fields:
         return self.getters[field](param)
 
 
-def reduce_products(table: GroupIncidence, products: Sequence[Product], fields: Fields) -> dict[str, Tensor]:
+class CellTable(Protocol):
+    """What `reduce_products` needs of a segment table: `symmetry.incidence.GroupIncidence` (whole parameters) or
+    `tracking.shard_tables.LocalIncidence` (one rank's shards)."""
+
+    def cells(self, factors: Callable[[str], Sequence[Factor]], n: int, dtype: torch.dtype = ...) -> Tensor: ...
+
+    def segment_sum(self, cells: Tensor, signed: bool = True) -> Tensor: ...
+
+
+def reduce_products(table: CellTable, products: Sequence[Product], fields: Fields) -> dict[str, Tensor]:
     """{product.name: float64 tensor [groups]} for every product; each distinct (left, right) is formed once."""
     if not products:
         return {}
@@ -78,7 +88,8 @@ def reduce_products(table: GroupIncidence, products: Sequence[Product], fields: 
         if not wanted:
             continue
         rows = [pairs.index((p.left, p.right)) for p in wanted]
-        picked = cells if rows == list(range(len(pairs))) else cells[torch.tensor(rows, device=cells.device)]
+        # rows picked by slicing, not by an index tensor built from a list (a host-to-device copy on CUDA)
+        picked = cells if rows == list(range(len(pairs))) else torch.stack([cells[r] for r in rows])
         sums = table.segment_sum(picked, signed=signed)
         res.update({p.name: sums[i] for i, p in enumerate(wanted)})
     return res

@@ -18,8 +18,9 @@ The columns of a row logged at step s (the groups table, `store.GROUP_COLUMNS`):
     angular_update  |theta_{s+1} - theta_s| / |theta_s| (scale groups)
     valid           the group is inside the theory (its predictions apply)
 
-`RowEmitter` turns the rows of a log step into host frames: one `torch.stack(...).cpu()` per family, the group /
-kind / layer labels, the running max of each group's norm (the relative-error floor, `tracking/metrics.py`) and
+`RowEmitter` turns the rows of a log step into host frames: one device-to-host transfer for all families (the
+log step's one host synchronisation), the group / kind / layer labels, the running max of each group's norm (the
+relative-error floor, `tracking/metrics.py`) and
 the per-layer aggregates; the tracker hands both to its sink.
 """
 
@@ -65,20 +66,24 @@ class RowEmitter:
 
     def frames(self, step: int, rows: Sequence[Row | None]) -> tuple[dict[str, Any], dict[str, list[Any]]] | None:
         """(groups columns, layers columns) of one logged step; None when no family has a row."""
+        present = [(i, fam, row) for i, (fam, row) in enumerate(zip(self.families, rows, strict=True))
+                   if row is not None]
+        if not present:
+            return None
+        stacked = [torch.stack([row[c].to(torch.float64) for c in row]) for _, _, row in present]
+        host = torch.cat([b.reshape(-1) for b in stacked]).cpu().numpy()  # the one transfer
         frames = []
-        for i, (fam, row) in enumerate(zip(self.families, rows, strict=True)):
-            if row is None:
-                continue
+        start = 0
+        for (i, fam, row), b in zip(present, stacked, strict=True):
             cols = list(row)
-            block = torch.stack([row[c] for c in cols]).cpu().numpy()
+            block = host[start:start + b.numel()].reshape(b.shape)
+            start += b.numel()
             data: dict[str, Any] = {c: block[j] for j, c in enumerate(cols)}
             data["valid"] = data["valid"] > 0.5
             self.norm_max[i] = np.fmax(self.norm_max[i], np.abs(data["norm"]))
             data["norm_max"] = self.norm_max[i].copy()
             frames.append(pd.DataFrame({"step": np.full(fam.n, step, dtype=np.int64), "group": fam.names,
                                         "kind": fam.kinds, "layer": fam.layers, **data}))
-        if not frames:
-            return None
         df = pd.concat(frames, ignore_index=True)
         return {c: df[c].to_numpy() for c in df.columns if c != "norm_max"}, layer_rows(df)
 

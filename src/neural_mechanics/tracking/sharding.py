@@ -1,7 +1,17 @@
-"""Whether a model is sharded (FSDP), which the tracker cannot follow yet: `check_not_sharded`.
+"""How a model is sharded (FSDP1, FSDP2 or not at all), and the two refusals that follow from it.
 
-The training loop and the Lightning callback call it before attaching a Tracker; it belongs with the tracker
-because it states a limit of the tracker, not of any particular loop.
+* `refuse_fsdp1(model)`: the Tracker follows FSDP2 (`fully_shard`: every parameter a DTensor sharded on dim 0,
+  `tracking/shard_tables.py`) but not FSDP1 (`FullyShardedDataParallel`), whose FlatParameters concatenate many
+  tensors, flattened, into one 1-D shard per rank whose layout depends on the wrapping policy: a group's slices
+  are not rows of anything a rank can name. The Tracker calls it.
+* `check_not_sharded(model)`: symmetry detection (and anything else that runs the model on one rank, such as the
+  start-of-run constraint check) needs the whole, unsharded model. Detect before `fully_shard` (FSDP2 keeps the
+  parameter names) and hand the symmetries to the Tracker of the sharded model; `nmech train` does exactly that
+  with `--set distributed.strategy=fsdp2`.
+
+No import of torch.distributed.fsdp happens here: an object of its classes can only exist once the package that
+defines it has been imported, so the classes are looked up among the loaded modules (importing FSDP costs ~1-2 s
+of CPU, which every `nmech` command would otherwise pay).
 """
 
 from __future__ import annotations
@@ -12,45 +22,67 @@ from torch import nn
 
 from neural_mechanics.errors import TrackerError
 
-#: (module, class names): the FSDP wrappers (FSDP1, FSDP2's `fully_shard`) and the sharded parameter type.
-_SHARDED_MODULES = ("torch.distributed.fsdp", ("FullyShardedDataParallel", "FSDPModule"))
-_SHARDED_PARAMS = ("torch.distributed.tensor", ("DTensor",))
+__all__ = ["check_not_sharded", "is_dtensor", "refuse_fsdp1", "sharding"]
+
+_FSDP_MODULE = "torch.distributed.fsdp"
+_DTENSOR_MODULE = "torch.distributed.tensor"
 
 
-def _loaded_classes(module: str, names: tuple[str, ...]) -> tuple[type, ...]:
-    """The classes `names` of `module` if that module has been imported, else none.
-
-    Sound without importing anything: an object of one of these classes can only exist once the package that
-    defines it has been imported (importing torch.distributed.fsdp costs ~1 s of CPU, which every `nmech`
-    command would otherwise pay).
-    """
+def _loaded_class(module: str, name: str) -> type | None:
+    """Class `name` of `module` if that module has been imported, else None."""
     mod = sys.modules.get(module)
-    found = (getattr(mod, n, None) for n in names) if mod is not None else ()
-    return tuple(c for c in found if isinstance(c, type))
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls if isinstance(cls, type) else None
 
 
-def check_not_sharded(model: nn.Module) -> None:
-    """Raise TrackerError when `model` is sharded with FSDP (FSDP1 wrapper, FSDP2 `fully_shard`, DTensor params).
+def is_dtensor(t: object) -> bool:
+    """Whether `t` is a DTensor (torch.distributed.tensor: a sharded or replicated tensor)."""
+    cls = _loaded_class(_DTENSOR_MODULE, "DTensor")
+    return cls is not None and isinstance(t, cls)
 
-    Why refused rather than supported: under FSDP a rank holds only a flat shard of each parameter
-    outside forward/backward, so at the optimizer step hooks a symmetry group's slices are spread over
-    ranks; the tracker would need a per-group all-reduce of every cell sum, plus shard-aware segment
-    tables. docs/distributed.md writes that design down; until it exists, a silent wrong answer is worse
-    than no answer.
+
+def sharding(model: nn.Module) -> tuple[str, str] | None:
+    """("fsdp1" | "fsdp2", where) when `model` is sharded, else None.
+
+    fsdp1: some module is a `FullyShardedDataParallel`; fsdp2: some module is an `FSDPModule` (`fully_shard`) or
+    some parameter is a DTensor. `where` names the first such module or parameter.
     """
-    sharded = ""
-    wrappers, params = _loaded_classes(*_SHARDED_MODULES), _loaded_classes(*_SHARDED_PARAMS)
+    fsdp1 = _loaded_class(_FSDP_MODULE, "FullyShardedDataParallel")
+    fsdp2 = _loaded_class(_FSDP_MODULE, "FSDPModule")
+    dtensor = _loaded_class(_DTENSOR_MODULE, "DTensor")
     for name, m in model.named_modules():
-        if isinstance(m, wrappers):
-            sharded = f"module {name or '(root)'!r} is {type(m).__name__}"
-            break
-    if not sharded:
+        where = f"module {name or '(root)'!r} is {type(m).__name__}"
+        if fsdp1 is not None and isinstance(m, fsdp1):
+            return "fsdp1", where
+        if fsdp2 is not None and isinstance(m, fsdp2):
+            return "fsdp2", where
+    if dtensor is not None:
         for name, p in model.named_parameters():
-            if isinstance(p, params):
-                sharded = f"parameter {name!r} is a DTensor (sharded)"
-                break
-    if sharded:
-        raise TrackerError(f"the model is sharded with FSDP ({sharded}); the tracker needs whole parameters at "
-                           "the optimizer step",
-                           "train with DistributedDataParallel instead (`torchrun ... nmech train`), or set "
-                           "tracker.enabled=false; docs/distributed.md explains why FSDP is not tracked yet")
+            if isinstance(p, dtensor):
+                return "fsdp2", f"parameter {name!r} is a DTensor"
+    return None
+
+
+def refuse_fsdp1(model: nn.Module) -> None:
+    """Raise TrackerError when `model` is wrapped with FSDP1 (`FullyShardedDataParallel`); FSDP2 passes."""
+    found = sharding(model)
+    if found is not None and found[0] == "fsdp1":
+        raise TrackerError(f"the model is sharded with FSDP1 ({found[1]}): its FlatParameters concatenate many "
+                           "flattened tensors into one shard per rank, so a symmetry group's slices are not rows "
+                           "the tracker can locate",
+                           "shard with FSDP2 instead (torch.distributed.fsdp.fully_shard; `nmech train --set "
+                           "distributed.strategy=fsdp2`), or train with DistributedDataParallel; docs/distributed.md "
+                           "says what runs")
+
+
+def check_not_sharded(model: nn.Module, *, fix: str | None = None) -> None:
+    """Raise TrackerError when `model` is sharded at all (FSDP1, FSDP2): it must be whole here (detection)."""
+    found = sharding(model)
+    if found is None:
+        return
+    refuse_fsdp1(model)
+    raise TrackerError(f"the model is already sharded with FSDP2 ({found[1]}); symmetry detection runs on the whole "
+                       "model",
+                       fix or "detect the symmetries before fully_shard (parameter names are kept) and pass them to "
+                       "the Tracker of the sharded model; `nmech train --set distributed.strategy=fsdp2` shards after "
+                       "detection itself (return the plain model from the model spec); docs/distributed.md")

@@ -21,6 +21,11 @@ Every per-group sum is formed through `Tracker._sums` (each product once per par
 `symmetry/incidence.py` in the parameter's dtype within a slice and float64 across slices). Quantities stay on the
 device in float64; the host only sees them at log steps. The columns a logged step writes are listed in
 `store.py` (GROUP_COLUMNS) and explained in `rows.py` and the strategies.
+
+Sharded models (FSDP2, parameters are DTensors): `_sums` forms every rank's partial sums on its local shards and
+adds them over ranks (`collective_sums.py`: one all_reduce per step for the built-in strategies), so every rank
+advances the same predictions; every rank then takes the same log decisions (measuring a log step's sums even
+where it writes nothing), because the collectives must match. FSDP1 is refused (`sharding.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from torch import Tensor, nn
 
 from neural_mechanics.errors import TrackerError
 from neural_mechanics.symmetry.groups import Symmetry, SymmetrySet
+from neural_mechanics.tracking.collective_sums import make_reduction
 from neural_mechanics.tracking.families import ChargeFamily, compile_families
 from neural_mechanics.tracking.param_groups import (
     HyperReader,
@@ -47,8 +53,9 @@ from neural_mechanics.tracking.param_groups import (
     read_values,
 )
 from neural_mechanics.tracking.parameters import canonical_name, resolve_parameters
-from neural_mechanics.tracking.products import Fields, Product, reduce_products
+from neural_mechanics.tracking.products import Fields, Product
 from neural_mechanics.tracking.rows import Row, RowEmitter
+from neural_mechanics.tracking.sharding import refuse_fsdp1
 from neural_mechanics.tracking.sinks import NullSink, ParquetSink, RunInfo, Sink, SinkGroup
 from neural_mechanics.tracking.store import RunWriter, open_run
 from neural_mechanics.tracking.strategies import Applies, StepContext, StrategySetup, strategy_for
@@ -77,8 +84,9 @@ class Tracker:
     `state_dict()` / `load_state_dict()` work like an optimizer's: checkpoint them with the model and the
     optimizer, and a run resumed into the same run_dir continues (rows from the checkpoint step on are
     replaced, see `store.py`) with predictions identical to an uninterrupted run. Under DDP build one Tracker
-    per rank on the wrapped model; only rank 0 writes. `sink` adds sinks (e.g. `TensorBoardSink(dir)`) next to
-    the run store of `run_dir`; on ranks other than 0 nothing is written.
+    per rank on the wrapped model; under FSDP2 one per rank on the sharded model (detect the symmetries on the
+    model before `fully_shard`: names are kept); only rank 0 writes. `sink` adds sinks (e.g.
+    `TensorBoardSink(dir)`) next to the run store of `run_dir`; on ranks other than 0 nothing is written.
     """
 
     hook_threads: int | None = 1
@@ -98,6 +106,7 @@ class Tracker:
         if len(self.symmetries) == 0:
             raise TrackerError("the symmetry set is empty, so there is nothing to track",
                                "pass nm.find_symmetries(model, example_inputs)")
+        refuse_fsdp1(model)
         self.model = model
         self.optimizer = optimizer
         self.log_every = int(log_every)
@@ -116,6 +125,8 @@ class Tracker:
         self.families: list[ChargeFamily] = compile_families(self.symmetries, {n: p.shape for n, p in
                                                                                self.params.items()}, self.device)
         self.indexes = [ParamGroupIndex(f, self.params, optimizer) for f in self.families]
+        self.reduction = make_reduction(self.families, self.params)
+        """How per-group sums are formed: on the whole parameters, or per shard plus an all_reduce (FSDP2)."""
         self.invalid: dict[str, str] = {}
         """Groups out of the theory, with the first reason (also in the run's manifest)."""
         self.sink: Sink = NullSink()
@@ -123,7 +134,8 @@ class Tracker:
             for gids, reason in ix.missing:
                 self._invalidate(fam, gids, reason)
         self.strategy = strategy_for(optimizer)(StrategySetup(optimizer, self.params, self.families, self.indexes,
-                                                              self.device, paper_prefactor))
+                                                              self.device, paper_prefactor,
+                                                              collective=self.reduction.collective))
         self.hypers = HyperReader(optimizer, self.indexes)
         self.applies = Applies(self.families, self.indexes)
         self._decided: tuple[Any, ...] | None = None
@@ -158,6 +170,12 @@ class Tracker:
         return self.strategy.note()
 
     @property
+    def measures_logs(self) -> bool:
+        """Whether log steps measure their rows here: where they are written, and on every rank of a sharded model
+        (the log-only sums are collectives, so all ranks must take part)."""
+        return self.sink.records or self.reduction.collective
+
+    @property
     def writer(self) -> RunWriter | None:
         """The run store writer of run_dir (None without run_dir or on a rank other than 0)."""
         return self.sink.writer
@@ -177,7 +195,7 @@ class Tracker:
         return {"log_every": self.log_every, "log_spaced": self.log_spaced, "flush_every": self.flush_every,
                 "optimizer": type(self.optimizer).__name__, "strategy": self.strategy.name,
                 "exact_theory": self.exact_theory, "paper_prefactor": self.paper_prefactor,
-                "memory_note": self.strategy.memory_note}
+                "memory_note": self.strategy.memory_note, "sharded": self.reduction.collective}
 
     def _hyper_summary(self) -> dict[str, Any]:
         groups = []
@@ -210,12 +228,13 @@ class Tracker:
         return k % self.log_every == 0 or (self.log_spaced and _is_spaced(k))
 
     def _sums(self, family: ChargeFamily, products: Sequence[Product], fields: Fields) -> dict[str, Tensor]:
-        """Every per-group sum of the tracker goes through here (`products.reduce_products`).
+        """Every per-group sum of the tracker goes through here (`self.reduction`: `products.reduce_products` on the
+        whole parameters, or per-rank partial sums plus an all_reduce for sharded ones); a test can watch it."""
+        return self.reduction(family, products, fields)
 
-        The one place a distributed variant wraps (per-rank partial sums of sharded parameters, then one
-        all_reduce of the stacked per-group vector) and a test can watch.
-        """
-        return reduce_products(family.table, products, fields)
+    def _step_context(self, step: int, log: bool, values: Any) -> StepContext:
+        return StepContext(step, log, values, self.hypers(values), self._sums, batch=self.reduction.batch,
+                           defer=self.reduction.defer)
 
     # ---- hooks ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -266,8 +285,7 @@ class Tracker:
             self._post()
 
     def _context(self, step: int, log: bool) -> StepContext:
-        values = read_values(self.optimizer, self.strategy.hyper_keys)
-        return StepContext(step, log, values, self.hypers(values), self._sums)
+        return self._step_context(step, log, read_values(self.optimizer, self.strategy.hyper_keys))
 
     def _pre(self) -> None:
         k = self.step
@@ -279,15 +297,17 @@ class Tracker:
             for gids, reason in mixed_hyperparameters(ix, values, self.strategy.hyper_keys, k):
                 self._invalidate(fam, gids, reason)
         self._decide(values)
-        self._ctx = StepContext(k, self._is_log_step(k) and self.sink.records, values, self.hypers(values), self._sums)
+        self._ctx = self._step_context(k, self._is_log_step(k) and self.measures_logs, values)
         self.strategy.pre_step(self._ctx, self.applies)
 
     def _post(self) -> None:
         k = self.step
         ctx = self._ctx if self._ctx is not None else self._context(k, False)
         rows = self.strategy.post_step(ctx, self.applies)
+        self.reduction.end_step()
         if ctx.log and rows is not None:
             self._emit(k, rows)
+            self._last_logged = k
         self._ctx = None
         self.step = k + 1
         if self.step % self.flush_every == 0:
@@ -303,7 +323,6 @@ class Tracker:
         groups, layers = frames
         self.sink.write_groups(groups)
         self.sink.write_layers(layers)
-        self._last_logged = step
 
     # ---- public API -------------------------------------------------------------------------------
     def log_metrics(self, step: int, split: str = "train", **values: float | Tensor) -> None:
@@ -321,10 +340,15 @@ class Tracker:
 
     @torch.no_grad()
     def log_now(self) -> None:
-        """Log the current state (theta at step `self.step`, predictions for it) outside a step."""
-        if not self.sink.records or not self.strategy.ready(self.step):
+        """Log the current state (theta at step `self.step`, predictions for it) outside a step.
+
+        Sharded: a collective, so every rank calls it (`close` does, on all ranks alike)."""
+        if not self.measures_logs or not self.strategy.ready(self.step):
             return
-        self._emit(self.step, self.strategy.log_rows(self._context(self.step, True), self.applies))
+        rows = self.strategy.log_rows(self._context(self.step, True), self.applies)
+        self.reduction.end_step()
+        self._emit(self.step, rows)
+        self._last_logged = self.step
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume (tensors, lists, dicts, str, numbers: loads with weights_only=True).

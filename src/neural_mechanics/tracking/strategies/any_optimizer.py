@@ -9,7 +9,9 @@ law: with the update u_k = (theta_k - theta_{k+1}) / eta_k read from the step it
     angular_update = |theta_{k+1} - theta_k|_A / |theta_k|_A   (scale groups)
 
 which needs a copy of every tracked parameter at the pre hook of a log step (the memory of one extra model copy,
-only then); between log steps the strategy costs nothing.
+only then); between log steps the strategy costs nothing. The sums measured at the pre hook (charge, norms, |g|)
+are first read at the post hook, so they wait there (`ctx.defer`) and join the post hook's sums: sharded, one
+all_reduce per log step and none in between.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class AnyOptimizerStrategy(Strategy):
         super().__init__(setup)
         self._prev: dict[str, Tensor] = {}
         self._delta: dict[str, Tensor] = {}
-        self._pending: list[Row | None] = [None] * len(self.families)
+        self._pending: list[dict[str, Tensor]] | None = None
+        """The sums measured at a log step's pre hook (final once the post hook's batch has run)."""
         self._started = False
         self.fields = Fields(self.params, {"prev": self._prev.get, "delta": self._delta.get})
 
@@ -49,11 +52,14 @@ class AnyOptimizerStrategy(Strategy):
         return (f"optimizer {type(self.optimizer).__name__} has no exact theory ({reason}); breaking_term holds "
                 "the measured <D theta_k, u_k>, u_k = (theta_k - theta_{k+1}) / eta_k")
 
-    def _rows(self, ctx: StepContext, applies: Applies, with_grad: bool) -> list[Row | None]:
+    def _measure(self, ctx: StepContext, with_grad: bool) -> list[dict[str, Tensor]]:
+        """Per family the charge, its norm's sum and (with_grad) |g_A|^2, requested through ctx.reduce."""
+        return [ctx.reduce(fam, [fam.charge, fam.norm_sq, *([fam.grad_sq] if with_grad else [])], self.fields)
+                for fam in self.families]
+
+    def _rows(self, ctx: StepContext, applies: Applies, sums: list[dict[str, Tensor]]) -> list[Row | None]:
         rows: list[Row | None] = []
-        for fam, hp, masks in zip(self.families, ctx.hypers, applies.masks, strict=True):
-            need = [fam.charge, fam.norm_sq, *([fam.grad_sq] if with_grad else [])]
-            out = ctx.reduce(fam, need, self.fields)
+        for fam, hp, masks, out in zip(self.families, ctx.hypers, applies.masks, sums, strict=True):
             lr = torch.as_tensor(hp.lr, dtype=torch.float64, device=self.device)
             rows.append(base_row(fam, out["C"], out["norm2"], out.get("gnorm2"), lr, fam.valid & masks["exact"]))
         return rows
@@ -64,20 +70,24 @@ class AnyOptimizerStrategy(Strategy):
             return
         self._prev.clear()
         self._prev.update({name: p.detach().clone() for name, p in self.params.items()})
-        self._pending = self._rows(ctx, applies, with_grad=True)
+        with ctx.defer():  # read at the post hook: reduced together with the post hook's sums
+            self._pending = self._measure(ctx, with_grad=True)
 
     def post_step(self, ctx: StepContext, applies: Applies) -> list[Row | None] | None:
         """At log steps, per group <v, u_k> with u_k = (theta_k - theta_{k+1}) / eta_k, and the angular update."""
-        if not ctx.log:
+        if not ctx.log or self._pending is None:
             return None
-        rows, self._pending = self._pending, [None] * len(self.families)
-        for fam, hp, row in zip(self.families, ctx.hypers, rows, strict=True):
-            if row is None:
-                continue
-            self._delta.clear()
-            self._delta.update({name: self._prev[name] - self.params[name].detach() for name in fam.table.params})
-            need = [fam.pairing("term", "delta", at="prev"), *([_STEP_SQ] if fam.quadratic else [])]
-            out = ctx.reduce(fam, need, self.fields)
+        outs = []
+        with ctx.batch():  # also fills in the pre hook's deferred sums
+            for fam in self.families:
+                self._delta.update({name: self._prev[name] - self.params[name].detach()
+                                    for name in fam.table.params})
+                need = [fam.pairing("term", "delta", at="prev"), *([_STEP_SQ] if fam.quadratic else [])]
+                outs.append(ctx.reduce(fam, need, self.fields))
+        rows = self._rows(ctx, applies, self._pending)
+        self._pending = None
+        for fam, hp, row, out in zip(self.families, ctx.hypers, rows, outs, strict=True):
+            assert row is not None
             lr = torch.as_tensor(hp.lr, dtype=torch.float64, device=self.device)
             eta = torch.where(lr != 0, lr, torch.full_like(lr, float("nan")))
             row["breaking_term"] = out["term"] / eta
@@ -89,7 +99,9 @@ class AnyOptimizerStrategy(Strategy):
         return rows
 
     def log_rows(self, ctx: StepContext, applies: Applies) -> list[Row | None]:
-        return self._rows(ctx, applies, with_grad=False)
+        with ctx.batch():
+            sums = self._measure(ctx, with_grad=False)
+        return self._rows(ctx, applies, sums)
 
     def ready(self, step: int) -> bool:
         return self._started or step > 0

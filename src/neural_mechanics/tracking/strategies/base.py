@@ -8,17 +8,27 @@ depends on the optimizer's update rule. Per optimizer step the tracker calls
                      a log step (one per family, column name -> float64 tensor [G], see `tracking/rows.py`)
 
 and `log_rows(ctx)` outside a step (the final row). Measurements are declared as `Product` records and reduced
-through `ctx.reduce`, the tracker's one reduction function (a sharded tracker wraps it: partial sums per rank plus
-one all_reduce). Which predictions apply is decided by `verdict`, i.e. by `theory/applicability.py`; the tracker
-keeps the result per group (`Applies`) and the strategy masks its predictions with it.
+through `ctx.reduce`, the tracker's one reduction function. Which predictions apply is decided by `verdict`, i.e.
+by `theory/applicability.py`; the tracker keeps the result per group (`Applies`) and the strategy masks its
+predictions with it.
+
+Sharded models (FSDP2): `ctx.reduce` then forms per-rank partial sums and adds them over ranks with an all_reduce
+(`tracking/collective_sums.py`); every strategy is correct as it is, one collective per `ctx.reduce` call. To
+need one collective per step, a strategy requests what it needs before reading any of it: every family's sums
+inside `with ctx.batch():` (filled in at exit), and sums measured at the pre hook but first read at the post hook
+inside `with ctx.defer():` (filled in by the post hook's batch). On one process both brackets do nothing.
+`setup.collective` says whether sums cross ranks (a strategy may then prefer measuring at one hook over fewer
+products: the SGD strategy's heavy-ball mode measures at both hooks, its general algebra at the pre hook only).
 
 A strategy is registered for an optimizer class (`registry.register_strategy`); adding one is one module.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,6 +62,10 @@ class StepContext:
     hypers: list[Hyper]
     """Per family, the hyperparameters of each group (tensors [G])."""
     reduce: Reduce
+    batch: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+    """`with ctx.batch():` sums requested inside are final at exit (one all_reduce for all when sharded)."""
+    defer: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+    """`with ctx.defer():` sums requested inside are final after the next reduce or batch (or the step's end)."""
 
 
 @dataclass
@@ -66,6 +80,8 @@ class StrategySetup:
     """Per family, where its groups sit in the param groups."""
     device: torch.device
     paper_prefactor: str = "derived"
+    collective: bool = False
+    """Whether sums are added over ranks (sharded parameters): each reduce outside a bracket is a collective."""
 
 
 class Applies:

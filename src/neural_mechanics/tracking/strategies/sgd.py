@@ -9,7 +9,8 @@ for translation) and, for quadratic charges, U_k = <u, D u> and V_k = <D u, b_k>
 products as the recurrences allow:
 
 * heavy ball: B_k at the pre hook, and U_k = V_k = velocity_sq = <b_k, D b_k> from torch's own updated buffer at
-  the post hook: 2 products per tracked parameter;
+  the post hook: 2 products per tracked parameter (sharded parameters: the general algebra below instead, one
+  product more but all at the pre hook, so one all_reduce per step instead of two);
 * plain SGD, Nesterov, mixed: B_k, gg = <g, D g> and (with momentum) gb = <g, D b_{k-1}> at the pre hook; U, V
   follow by exact algebra on what the recurrence carries (`theory/sgd_measurements.py`): 2 or 3 products;
 * translation groups: B_k = <1_A, g> (no product);
@@ -98,9 +99,9 @@ class _Charge:
     def start(self, inp: Mapping[str, Tensor]) -> None:
         """Build the recurrences at the first step from the measured charge (and existing momentum buffers)."""
         C0 = inp["C"]
-        started = torch.tensor([self.sgd.buffer(s.members[0].param) is not None for s in self.fam.syms],
-                               dtype=torch.bool, device=self.sgd.device)
-        overlap0 = inp["overlap"] if bool(started.any()) else None
+        flags = [self.sgd.buffer(s.members[0].param) is not None for s in self.fam.syms]
+        started = _bools(flags, self.sgd.device)
+        overlap0 = inp["overlap"] if any(flags) else None
         self.exact = self.recurrence(C0, overlap0=overlap0)
         self.breaking = self.recurrence(C0, overlap0=overlap0)
         for rec in (self.exact, self.breaking):
@@ -133,10 +134,12 @@ class _QuadraticCharge(_Charge):
         self.mode = "general"
 
     def set_mode(self, values: Values) -> None:
-        """'heavy' when every param group of the family has momentum and no Nesterov, else 'general'."""
+        """'heavy' when every param group of the family has momentum and no Nesterov (and the sums are not
+        collectives: heavy ball measures at both hooks), else 'general'."""
         rows = [values[i] for i in self.index.pgs]
         m, n = self.sgd.key_index["momentum"], self.sgd.key_index["nesterov"]
-        heavy = bool(rows) and all(_num(r[m]) != 0 and not bool(_num(r[n])) for r in rows)
+        heavy = (not self.sgd.setup.collective and bool(rows)
+                 and all(_num(r[m]) != 0 and not bool(_num(r[n])) for r in rows))
         self.mode = "heavy" if heavy else "general"
 
     def measure(self, ctx: StepContext, measure: bool, log: bool) -> dict[str, Tensor]:
@@ -235,6 +238,13 @@ def _num(v: Any) -> float:
     return float(v.item()) if isinstance(v, Tensor) else float(v)
 
 
+def _bools(flags: list[bool], device: torch.device) -> Tensor:
+    """bool [len(flags)] on `device`; all-equal flags (the usual case) without a host-to-device copy."""
+    if all(flags) or not any(flags):
+        return torch.full((len(flags),), bool(flags and flags[0]), dtype=torch.bool, device=device)
+    return torch.tensor(flags, dtype=torch.bool, device=device)
+
+
 @register_strategy(torch.optim.SGD)
 class SGDStrategy(Strategy):
     """torch.optim.SGD: every step, three predictions per group (see the module docstring)."""
@@ -263,12 +273,14 @@ class SGDStrategy(Strategy):
         return buf if isinstance(buf, Tensor) else None
 
     def pre_step(self, ctx: StepContext, applies: Applies) -> None:
-        for ch, hp, masks in zip(self.charges, ctx.hypers, applies.masks, strict=True):
-            ch.hp = hp
-            ch.set_mode(ctx.values)
-            first = ch.exact is None
-            inp = ch.measure(ctx, ctx.log or first, ctx.log)
-            if first:
+        inputs = []
+        with ctx.batch():  # every family's sums first: one all_reduce for all when the parameters are sharded
+            for ch, hp in zip(self.charges, ctx.hypers, strict=True):
+                ch.hp = hp
+                ch.set_mode(ctx.values)
+                inputs.append(ch.measure(ctx, ctx.log or ch.exact is None, ctx.log))
+        for ch, hp, masks, inp in zip(self.charges, ctx.hypers, applies.masks, inputs, strict=True):
+            if ch.exact is None:
                 ch.start(inp)
             ch.prepare(hp, inp)
             ch.B = inp.get("B")
@@ -287,8 +299,10 @@ class SGDStrategy(Strategy):
 
     def log_rows(self, ctx: StepContext, applies: Applies) -> list[Row | None]:
         rows: list[Row | None] = []
-        for ch, hp, masks in zip(self.charges, ctx.hypers, applies.masks, strict=True):
-            row = ch.row(ch.measure(ctx, True, True), hp, masks)
+        with ctx.batch():
+            inputs = [ch.measure(ctx, True, True) for ch in self.charges]
+        for ch, hp, masks, inp in zip(self.charges, ctx.hypers, applies.masks, inputs, strict=True):
+            row = ch.row(inp, hp, masks)
             nan = ch.fam.nan()
             row["grad_norm"], row["breaking_term"], row["angular_update"] = nan, nan, nan
             rows.append(row)
