@@ -1,6 +1,7 @@
 """Step-time and memory overhead of the Tracker on the paper's VGG-16-BN (Tiny ImageNet variant), CPU.
 
     .venv/bin/python benchmarks/tracker_overhead.py [--steps 20] [--batch 32] [--optim heavy_ball]
+    .venv/bin/python benchmarks/tracker_overhead.py --optim adamw     # AdamW: the identity strategy (issue 14)
 
 Trains the same model from the same state for `--steps` timed steps three ways, interleaved in rounds so that
 machine drift hits all alike: no tracker (baseline), Tracker logging every 10 steps (to a temp run_dir), and
@@ -116,7 +117,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--optim", choices=["sgd", "heavy_ball", "nesterov"], default="heavy_ball")
+    ap.add_argument("--optim", choices=["sgd", "heavy_ball", "nesterov", "adamw"], default="heavy_ball",
+                    help="SGD variants, or AdamW (lr 1e-3, weight decay 0.05: the tracker reads u_k from its state)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,12 +129,14 @@ def main() -> None:
     y = torch.randint(0, 200, (args.batch,))
     syms, source = symmetries_for(model, x)
     kw: dict[str, Any] = {"sgd": {"weight_decay": 5e-4}, "heavy_ball": {"momentum": 0.9, "weight_decay": 5e-4},
-          "nesterov": {"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}}[args.optim]
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, **kw)
+          "nesterov": {"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+          "adamw": {"weight_decay": 0.05}}[args.optim]
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-3, **kw) if args.optim == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=0.01, **kw))
     loss_fn = nn.CrossEntropyLoss()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {type(model).__name__}, {n_params / 1e6:.1f}M params; batch {args.batch}; "
-          f"torch threads {torch.get_num_threads()}; optimizer SGD {kw}")
+          f"torch threads {torch.get_num_threads()}; optimizer {type(opt).__name__} {kw}")
     print(f"symmetries ({source}): {syms!r}")
 
     def step() -> float:

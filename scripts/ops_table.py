@@ -35,6 +35,12 @@ where). In-place variants (`aten::relu_`) follow their op. Teach the engine an o
 Columns: **channels**, the channel rule ("barrier" for ops that only matter to the other columns);
 **softmax shift**, how a shift constant along the class axis passes (empty: it stops there; the kinds are
 explained below); **flags**, other facts the engine uses.
+
+Two patterns span several ops and are found in the graph before the table is consulted: a parameter
+reshaped on its way to a product (`gamma.view(-1, 1, 1) * x`: a layer scale, `ops/layer_scale.py`), and a
+hand-written RMS norm (`x * rsqrt(mean(x**2, dims, keepdim=True) + eps)`, as LLaMA and T5 write it, with
+float casts anywhere: a normaliser over those dims, `ops/rms_norm.py`). A parameter used by several ops (tied
+embeddings) moves jointly over its uses (`symmetry/ties.py`).
 """
 
 

@@ -73,16 +73,18 @@ normalises q and k, which is not homogeneous per coordinate). Blocked ops are wh
 cannot pass (non-homogeneous activations such as GELU, SiLU, hardswish, ReLU6 = hardtanh, sigmoid gates
 of squeeze-and-excitation, attention softmax where queries and keys do not pair up, and the barriers below).
 
-Known gaps (sound, not complete): MaxViT's attention is written with `einsum` (a barrier: no key-bias
-translation, no value rescale and no query/key pair there); Swin V2 computes its qkv projection as
-`F.linear(x, weight, bias)` with a bias made in forward (a clone whose key part is zeroed), which the engine
-cannot follow (the blocked `linear` ops): the value groups (qkv value row c with proj column c), the per-channel
-rescale groups of the stage streams and the per-head scale groups of the normalised queries exist (certified
-by hand) but are not found; query/key pairs are found only when each
-channel is written by one layer and reaches the scores alone through index maps and positively
-homogeneous ops (a rotary embedding, a key shared by several query heads, or any other use of q or k
-gives none, although some of those have a coarser joint symmetry); a parameter used by two operations
-is left out of every group.
+MaxViT's attention is written with `einsum`, which capture rewrites as the matmuls it is (symmetry/einsum.py):
+its key-bias translations, value rescales and query/key pairs are found.
+
+Swin V2 computes its qkv projection as `F.linear(x, weight, bias)` with a bias made in forward (a clone whose
+key part is zeroed): the engine adds that bias to the output as an activation, so its value groups (qkv value
+row c with proj column c) and the per-channel rescale groups of its stage streams are found.
+
+Known gaps (sound, not complete): Swin V2 normalises q and k with `F.normalize`, whose `clamp_min(eps)` is a
+barrier: the per-head scale groups of the normalised queries and keys exist but are not found (the blocked
+`clamp_min` ops). Query/key pairs are found when the query and key channels reach the scores through index
+maps, positively homogeneous ops, rotary embeddings (a rotary pair jointly) or shared key heads (jointly over
+the query heads they serve).
 """
 
 

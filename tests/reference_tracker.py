@@ -8,7 +8,8 @@ docs/theory.md section 5)
     u = d | b | d + beta b,
 
 takes every per-group quantity straight from `Symmetry.masks()` (D), and advances the exact recurrence with
-Python floats, one group at a time, written independently of `theory.exact`:
+Python floats, one group at a time, written independently of `theory.exact` (and, for scale groups, the angle
+between theta_k and theta_{k+1} from the two vectors):
 
     X = lambda C + B;  Q = X (first) | beta P + (1 - tau) X;  <D theta, u> = X | Q | X + beta Q
     C_{k+1} = C - 2 eta <D theta, u> + eta^2 U;  P_{k+1} = Q - eta V       (quadratic)
@@ -20,6 +21,7 @@ It needs two full parameter copies and one dense mask per (group, parameter): us
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -80,7 +82,7 @@ class ReferenceTracker:
             for s, masks in zip(self.syms, self.masks, strict=True):
                 c0 = self._charge(s, masks, vec)
                 self.state.append({"exact": c0, "breaking": c0, "P_e": 0.0, "P_b": 0.0, "started": False})
-        for key in ("measured", "exact", "breaking", "U", "V", "B", "grad_sq", "velocity_sq"):
+        for key in ("measured", "exact", "breaking", "U", "V", "B", "grad_sq", "velocity_sq", "angle"):
             rec[key] = {}
         for s, masks, st in zip(self.syms, self.masks, self.state, strict=True):
             quad = KINDS[s.kind].quadratic
@@ -101,6 +103,11 @@ class ReferenceTracker:
             rec["measured"][s.name], rec["exact"][s.name], rec["breaking"][s.name] = C, st["exact"], st["breaking"]
             rec["U"][s.name], rec["V"][s.name], rec["B"][s.name] = U, V, B
             rec["grad_sq"][s.name], rec["velocity_sq"][s.name] = gsq, vsq
+            if s.kind == "scale":  # the angle between theta_k and theta_{k+1} = theta_k - eta u_k, from the vectors
+                w0 = torch.cat([(masks[k] * vec[k]["theta"]).reshape(-1) for k in masks])
+                w1 = torch.cat([(masks[k] * (vec[k]["theta"] - eta * vec[k]["u"])).reshape(-1) for k in masks])
+                along = float(w1 @ w0) / float(w0.norm())
+                rec["angle"][s.name] = math.atan2(float((w1 - along * w0 / w0.norm()).norm()), along)
             for which, b_term in (("exact", 0.0), ("breaking", sgn * B)):
                 c = st[which]
                 X = lam * c + b_term

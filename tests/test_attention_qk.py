@@ -9,9 +9,9 @@ c (+ bias entry), A2 = the key writer's row c (+ bias entry), one per (layer, em
 Derived by hand per model below; every found pair is certified on a float64 copy
 (test_detect_support.certify_groups: relative change of loss and outputs <= 1e-9) and checked by brute
 force against autograd: <D theta, g> = sum_A1 theta g - sum_A2 theta g = 0 while a random direction on
-the same coordinates gives a clearly non-zero product. The counter-examples (cosine attention, rotary
-embeddings, a query read elsewhere, a key shared by every head, queries that no parameter writes) must
-have no pair at all.
+the same coordinates gives a clearly non-zero product. The counter-examples (cosine attention, a query read
+elsewhere, queries that no parameter writes, a frozen key) must have no pair at all; rotary embeddings and a
+key shared by several query heads give joint pairs (over the rotary pair of coordinates, over the heads).
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def test_hand_written_attention_pairs_q_row_with_k_row(mode, bias):
     gradient_check(m, pairs, x)
 
 
-@pytest.mark.parametrize("mode", ["cosine", "rope", "q_read", "shared_key", "raw_query", "frozen_key"])
+@pytest.mark.parametrize("mode", ["cosine", "q_read", "raw_query", "frozen_key"])
 def test_no_pair_when_something_else_touches_q_or_k(mode):
     torch.manual_seed(2)
     m = HandAttention(mode)
@@ -203,6 +203,44 @@ def test_no_pair_when_something_else_touches_q_or_k(mode):
     # the value path is untouched by all of this: value channel c is read by o's column c
     assert sum(1 for g in s.filter("rescale") if Member("o.weight", 1, (0,), "out") in g.members) == 1
     certify_groups(m, s, x)
+
+
+def test_shared_key_head_pairs_with_every_query_head_jointly():
+    # multi-query attention: one key head (k: Linear(E, d), d = E / HEADS = 4) broadcast to both query heads.
+    # Key coordinate c meets query coordinate c of head 0 (q row c) and of head 1 (q row d + c): scaling both
+    # query rows by alpha and key row c by 1/alpha leaves every score of both heads unchanged, while one query
+    # head alone cannot be compensated (the key row is shared). So d joint groups:
+    # A1 = {q.weight[c], q.bias[c], q.weight[d + c], q.bias[d + c]}, A2 = {k.weight[c], k.bias[c]}.
+    torch.manual_seed(2)
+    m = HandAttention("shared_key")
+    x = torch.randn(3, SEQ, E)
+    s = find_symmetries(m, x)
+    d = E // HEADS
+    pairs = qk_groups(s)
+    assert {frozenset(g.members) for g in pairs} == {
+        frozenset({Member("q.weight", 0, (c, d + c), "in"), Member("q.bias", 0, (c, d + c), "in"),
+                   Member("k.weight", 0, (c,), "out"), Member("k.bias", 0, (c,), "out")}) for c in range(d)}
+    assert all("shared by 2 query classes" in "\n".join(g.chain) for g in pairs)
+    certify_groups(m, pairs, x)
+    gradient_check(m, pairs, x)
+
+
+def test_rope_pairs_the_rotary_coordinates_jointly():
+    # rotary embedding: q' = q cos + rotate_half(q) sin mixes head coordinate c with c + d/2 (d = 4: pairs (0, 2)
+    # and (1, 3)), a rotation of the 2-vector (q_c, q_{c+d/2}) that commutes with scaling it. So query rows
+    # {h d + c, h d + c + 2} (x alpha) with the same key rows (x 1/alpha) leave every score unchanged:
+    # one group per (head, rotary pair), HEADS * d / 2 = 4, never one per single coordinate.
+    torch.manual_seed(2)
+    m = HandAttention("rope")
+    x = torch.randn(3, SEQ, E)
+    s = find_symmetries(m, x)
+    d = E // HEADS
+    rows = [(h * d + c, h * d + c + d // 2) for h in range(HEADS) for c in range(d // 2)]
+    assert {frozenset(g.members) for g in qk_groups(s)} == {
+        frozenset({Member("q.weight", 0, r, "in"), Member("q.bias", 0, r, "in"),
+                   Member("k.weight", 0, r, "out"), Member("k.bias", 0, r, "out")}) for r in rows}
+    certify_groups(m, qk_groups(s), x)
+    gradient_check(m, qk_groups(s), x)
 
 
 def test_rope_pairs_would_be_coordinate_mixing():

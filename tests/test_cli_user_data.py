@@ -305,8 +305,10 @@ def test_llama_on_the_embedded_corpus_with_adamw_tracks_every_kind_and_reports_w
     # llama-tiny (width 48, SwiGLU hidden 128, 2 blocks, byte vocabulary, no biases), by hand: translation = the
     # head's 48 input columns; scale = 1 (the residual stream: embedding, each o_proj and down_proj, read only by
     # RMSNorms); rescale per block = attn_norm (48) + value/o_proj channels (48) + mlp_norm (48) + up/down (128),
-    # plus the final norm with the head (48): 2 * 272 + 48 = 592. Queries and keys are not paired (rotary).
-    assert tracked_kinds(run_dir) == Counter({"translation": 48, "scale": 1, "rescale": 592})
+    # plus the final norm with the head (48), plus the rotary query/key pairs: each head (4, of size 12) pairs query
+    # rows {c, c + 6} with key rows {c, c + 6} jointly (the rotation mixes them): 6 per head, 24 per block:
+    # 2 * (272 + 24) + 48 = 640.
+    assert tracked_kinds(run_dir) == Counter({"translation": 48, "scale": 1, "rescale": 640})
     code, out, err = nmech(monkeypatch, capsys, "report", str(run_dir))
     assert code == 0, err
     assert "no predictions for this run" in out and "AdamW has no exact theory" in out

@@ -194,7 +194,7 @@ def test_frozen_parameters_are_excluded_and_reported():
     # the frozen Linear can neither absorb its inputs' scale nor write a scalable output: only the
     # translation of the last layer (4 columns + bias) is left
     assert counts(s) == (5, 0, 0)
-    assert s.meta["blocked_ops"]["aten.linear (frozen or shared weight)"] == 1
+    assert s.meta["blocked_ops"]["aten.linear (frozen weight)"] == 1
 
 
 class BufferModel(nn.Module):

@@ -26,6 +26,7 @@ from neural_mechanics.experiments.datasets import (
     register_dataset,
 )
 from neural_mechanics.experiments.datasets import registry as dataset_registry
+from neural_mechanics.experiments.models import get_preset
 from neural_mechanics.experiments.optimizers import (
     OPTIMIZERS,
     OptimizerConfig,
@@ -205,3 +206,48 @@ def test_dataset_registration_errors(restore_registries):
     with pytest.raises(ValueError, match="does not have"):
         register_dataset(DatasetSpec("mine", _toy_builder, "x", keys=("colour",)))
     assert "mine" not in DATASETS
+
+
+# ---- the optimizers of issue 14: lion (optional package) and muon (matrices only) ------------------------
+
+
+def test_lion_builds_lion_pytorch_with_the_configs_values():
+    lion_pytorch = pytest.importorskip("lion_pytorch")  # an optional extra (`lion`), installed by make test
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    cfg = load_config("demo", ["optimizer=lion", "optimizer.lr=1e-4", "optimizer.betas=[0.9, 0.99]",
+                               "optimizer.weight_decay=1.0", "optimizer.momentum=0"]).optimizer
+    built = build_optimizer(cfg, params)
+    direct = lion_pytorch.Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=1.0)  # called by hand
+    assert type(built) is lion_pytorch.Lion
+    strip = [{k: v for k, v in g.items() if k != "params"} for g in built.param_groups]
+    assert strip == [{k: v for k, v in g.items() if k != "params"} for g in direct.param_groups]
+    with pytest.raises(ConfigError, match=r"optimizer\.momentum: lion does not take momentum"):
+        load_config("demo", ["optimizer=lion"])  # the demo's momentum 0.9 is refused, not silently dropped
+
+
+def test_lion_missing_is_a_config_error_that_says_how_to_install_it(monkeypatch):
+    from neural_mechanics.experiments import optimizers
+
+    real = optimizers.importlib.util.find_spec
+    monkeypatch.setattr(optimizers.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "lion_pytorch" else real(name, *a))
+    with pytest.raises(ConfigError, match="lion-pytorch") as info:
+        load_config("demo", ["optimizer=lion", "optimizer.momentum=0"])
+    assert "neural-mechanics[lion]" in (info.value.fix or "")
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon is new in torch 2.9")
+def test_muon_trains_matrices_only_and_says_which_model_to_use():
+    cfg = load_config("demo", ["optimizer=muon", "optimizer.lr=0.02", "optimizer.momentum=0.95",
+                               "optimizer.nesterov=true", "optimizer.weight_decay=0.1"]).optimizer
+    matrices = get_preset("mlp-bn-matrices").build()
+    assert all(p.ndim == 2 for p in matrices.parameters())
+    built = build_optimizer(cfg, matrices.parameters())
+    assert type(built) is torch.optim.Muon
+    group = built.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.02, 0.95, True, 0.1)
+    with pytest.raises(ConfigError, match="2-D parameters only") as info:
+        build_optimizer(cfg, get_preset("mlp-bn").build().parameters())  # biases and BatchNorm affines
+    assert "mlp-bn-matrices" in (info.value.fix or "")
+    with pytest.raises(ConfigError, match=r"optimizer\.betas"):
+        load_config("demo", ["optimizer=muon", "optimizer.betas=[0.5, 0.5]"])

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from neural_mechanics.errors import NMechError
-from neural_mechanics.theory.applicability import PREDICTION_KINDS, applicability, exact_theory_applies
+from neural_mechanics.theory.applicability import (
+    PREDICTION_KINDS,
+    applicability,
+    equilibrium,
+    exact_theory_applies,
+    identity_rule,
+    keeps_step,
+)
 from neural_mechanics.theory.continuous import PaperPrediction
 from neural_mechanics.theory.errors import TheoryError
 from neural_mechanics.theory.exact import QuadraticRecurrence
@@ -67,11 +74,49 @@ def test_paper_model_is_undefined_at_dampening_one_while_the_recurrence_follows_
 
 
 def test_other_optimizers_get_one_reason_for_all_three_predictions():
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    opt = torch.optim.Adagrad([torch.nn.Parameter(torch.zeros(2))])
     a = applicability(opt, opt.param_groups[0])
     assert [k for k, _ in a.items()] == list(PREDICTION_KINDS)
     assert not any(v.applies for _, v in a.items()) and len({v.reason for _, v in a.items()}) == 1
     assert "adaptive preconditioner" in a.exact.reason
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop])
+def test_optimizers_with_a_readable_update_get_the_identity_only(cls):
+    """Adam, AdamW, RMSprop (and Lion, Muon): the exact step identity applies, no symmetry-only or paper model."""
+    opt = cls([torch.nn.Parameter(torch.zeros(2))])
+    a = applicability(opt, opt.param_groups[0])
+    assert a.breaking.applies and "exact step identity" in a.breaking.reason
+    assert not a.exact.applies and "adaptive preconditioner" in a.exact.reason
+    assert not a.paper.applies and "derived for SGD" in a.paper.reason
+
+
+@pytest.mark.parametrize(("make", "applies", "words"), [
+    (lambda p: torch.optim.AdamW(p, weight_decay=0.1), True, "rotational equilibrium"),
+    (lambda p: torch.optim.Adam(p, weight_decay=0.1), False, "coupled L2"),
+    (lambda p: torch.optim.RMSprop(p, weight_decay=0.1), False, "coupled L2"),
+    (lambda p: torch.optim.AdamW(p, weight_decay=0.0), False, "no weight decay"),
+    (lambda p: torch.optim.Muon(p, weight_decay=0.1), True, "rotational equilibrium"),
+    (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-3), True, "balances"),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=1.0, weight_decay=1e-3), False, "dampening"),
+    (lambda p: torch.optim.Adagrad(p, weight_decay=0.1), False, "no equilibrium theory"),
+], ids=["adamw", "adam_l2", "rmsprop", "adamw_no_wd", "muon", "sgd", "sgd_dampening_one", "adagrad"])
+def test_equilibrium_verdict_says_why(make, applies, words):
+    opt = make([torch.nn.Parameter(torch.zeros(2, 2))])
+    v = equilibrium(opt, opt.param_groups[0])
+    assert v.applies == applies and words in v.reason
+
+
+def test_a_subclass_created_before_its_base_still_keeps_the_base_step():
+    """torch wraps `step` in a profiling hook on the class of the first instance: an AdamW built before any Adam
+    carries its own wrapper around Adam.step, which is still Adam's update rule."""
+
+    class Fresh(torch.optim.Adam):
+        pass
+
+    opt = Fresh([torch.nn.Parameter(torch.zeros(2))])
+    assert Fresh.step is not torch.optim.Adam.step or "step" not in Fresh.__dict__
+    assert keeps_step(opt, torch.optim.Adam) and identity_rule(opt) == "adam"
 
 
 def test_without_a_group_only_the_class_is_judged():

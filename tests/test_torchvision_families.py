@@ -328,10 +328,21 @@ def test_swin_v2_cosine_attention_has_no_key_bias_translation():
     m, x, s = _detected("swin_v2_t")
     _assert_derived(m, s)
     # V2 normalises q and k (cosine attention) and zeroes the key part of qkv.bias: no key-bias translation,
-    # and no query/key rescale pair (F.normalize is not homogeneous per coordinate).
+    # and no query/key rescale pair (F.normalize is not homogeneous per coordinate): qkv's rows are in rescale
+    # groups only as values (rows 2C..3C of a block of width C, read by proj's column), its bias computed in forward
+    # (a clone with the key part zeroed) moving with them.
     assert not any(g.members[0].param.endswith("qkv.bias") for g in s.filter("translation"))
-    assert not any(mm.param.endswith("qkv.weight") and mm.dim == 0 for g in s.filter("rescale") for mm in g.members)
-    assert s.counts()["rescale"] == 6912
+    for g in s.filter("rescale"):
+        for mm in g.members:
+            if mm.param.endswith("qkv.weight") and mm.dim == 0:
+                width = m.get_submodule(mm.param.removesuffix(".qkv.weight")).proj.in_features
+                assert all(2 * width <= i < 3 * width for i in mm.index), g.name
+    value = [g for g in s.filter("rescale")
+             if any(mm.param == "features.1.0.attn.qkv.weight" and mm.index == (2 * 96 + 5,) for mm in g.members)]
+    assert len(value) == 1 and {(mm.param, mm.dim, mm.index) for mm in value[0].members} == {
+        ("features.1.0.attn.qkv.weight", 0, (197,)), ("features.1.0.attn.qkv.bias", 0, (197,)),
+        ("features.1.0.attn.proj.weight", 1, (5,))}
+    assert s.counts()["rescale"] == 12001
     # post-norm blocks: x + norm1(attn(x)): each attn.proj / mlp.3 writes into its own LayerNorm -> scale
     assert "scale:features.1.0.attn.proj[0]" in s and "scale:features.1.1.mlp.3[0]" in s
     certify_groups(m, [s["scale:features.1.0.attn.proj[0]"]], x)

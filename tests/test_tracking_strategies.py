@@ -27,7 +27,11 @@ from neural_mechanics.tracking.strategies import (
     registered,
     strategy_for,
 )
+from neural_mechanics.tracking.strategies.adam import AdamStrategy
 from neural_mechanics.tracking.strategies.any_optimizer import AnyOptimizerStrategy
+from neural_mechanics.tracking.strategies.lion import Lion, LionStrategy
+from neural_mechanics.tracking.strategies.muon import MuonStrategy
+from neural_mechanics.tracking.strategies.rmsprop import RMSpropStrategy
 from neural_mechanics.tracking.strategies.sgd import SGDStrategy
 from neural_mechanics.tracking.tracker import Tracker
 from reference_tracker import ReferenceTracker
@@ -55,12 +59,23 @@ class OwnStep(torch.optim.SGD):
         return super().step(closure)
 
 
+class OwnAdamStep(torch.optim.AdamW):
+    """An AdamW whose step is its own: its update rule is unknown, so it is only measured."""
+
+    def step(self, closure=None):
+        return super().step(closure)
+
+
 def test_registry_walks_the_mro_and_a_subclass_with_its_own_step_falls_back():
     assert strategy_for(torch.optim.SGD(_params(), lr=0.1)) is SGDStrategy
     assert strategy_for(KeepsStep(_params(), lr=0.1)) is SGDStrategy
     assert strategy_for(OwnStep(_params(), lr=0.1)) is AnyOptimizerStrategy
-    for cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad):
-        assert strategy_for(cls(_params())) is AnyOptimizerStrategy, cls
+    for cls, strategy in ((torch.optim.Adam, AdamStrategy), (torch.optim.AdamW, AdamStrategy),
+                          (torch.optim.RMSprop, RMSpropStrategy), (torch.optim.Muon, MuonStrategy),
+                          (Lion, LionStrategy), (torch.optim.Adagrad, AnyOptimizerStrategy),
+                          (OwnAdamStep, AnyOptimizerStrategy)):
+        params = [torch.nn.Parameter(torch.zeros(3, 2))] if cls is torch.optim.Muon else _params()
+        assert strategy_for(cls(params)) is strategy, cls
     reg = registered()
     assert reg[torch.optim.SGD] is SGDStrategy and reg[torch.optim.Optimizer] is AnyOptimizerStrategy
 

@@ -21,8 +21,10 @@ docs/torchvision_counts.md, in short:
   (value row, output-projection column) and a query/key pair.
 
 Where the detector is known to be incomplete (sound, but it misses symmetries that exist) the derivation
-follows the documented gap and `gap` names it: MaxViT's attention is written with einsum (a barrier), Swin
-V2 computes its qkv bias in forward (a Linear with a computed bias is a barrier). A model whose class has no
+follows the documented gap and `gap` names it: Swin V2 normalises q and k with F.normalize (its clamp_min is a
+barrier). Two former gaps are closed: Swin V2's qkv bias computed in forward (now an added activation,
+ops/linear.py `dense`) and MaxViT's einsum attention (rewritten as matmul, symmetry/einsum.py). A model whose
+class has no
 derivation here (a family torchvision adds later) is a regression snapshot: `derive` returns None and the
 whole-list test compares its counts with the table the detector wrote. Today every family has a derivation.
 """
@@ -305,9 +307,13 @@ def swin(model: nn.Module) -> Counts:
     the reduction) + the final norm affine (read by the head).
     V2: cosine attention zeroes the key bias and normalises q, k (no translation, no pair); attn.proj writes
     into norm1 and mlp.3 into norm2 (2 scale groups per block), PatchMerging V2 is reduction -> norm (1 each),
-    plus the stem; rescale: the continuous position bias MLP's hidden neurons (Linear -> ReLU -> Linear) and the
-    final norm's affine. Gap: qkv is F.linear with a bias computed in forward (clone + zero of the key part),
-    a barrier for the engine, which taints the streams and hides the value groups (see `gap`).
+    plus the stem; rescale: the continuous position bias MLP's hidden neurons (Linear -> ReLU -> Linear), the
+    final norm's affine, per block the values (qkv's value row c, + its computed bias, -> proj's column c: C),
+    and the stage streams (x += norm1(attn(x)); x += norm2(mlp(x)): written by the stem's or the merge's norm
+    affine and every block's norm affines, read by qkv's and mlp.0's columns): one group per channel in a stage
+    that a PatchMerging reduction reads (C of the stage = reduction.in_features / 4), and ONE group for the last
+    stage, which the final norm normalises jointly. Gap: F.normalize's clamp_min(eps) is no normaliser for the
+    engine, so the per-head scale groups of the cosine-normalised queries and keys are not found (see `gap`).
     """
     blocks = [m for m in model.modules() if isinstance(m, torchvision.models.swin_transformer.SwinTransformerBlock)]
     merges = [m for m in model.features if isinstance(m, torchvision.models.swin_transformer.PatchMerging)]
@@ -316,7 +322,9 @@ def swin(model: nn.Module) -> Counts:
     if merges_v2 or any(isinstance(b, torchvision.models.swin_transformer.SwinTransformerBlockV2) for b in blocks):
         cpb = sum(b.attn.cpb_mlp[0].out_features for b in blocks)
         assert all(isinstance(b.attn.cpb_mlp[1], nn.ReLU) for b in blocks)
-        return _head(model.head), 1 + 2 * len(blocks) + len(merges_v2), cpb + final
+        values = sum(b.attn.proj.in_features for b in blocks)
+        streams = sum(m.reduction.in_features // 4 for m in merges_v2) + 1
+        return _head(model.head), 1 + 2 * len(blocks) + len(merges_v2), cpb + final + values + streams
     c = sum(_width(b.norm1) for b in blocks)
     stages = len(merges) + 1
     return _head(model.head) + c, 1 + stages, 4 * c + sum(_width(m.norm) for m in merges) + final
@@ -327,23 +335,29 @@ def maxvit(model: nn.Module) -> Counts:
     sigmoid) -> conv_c, + shortcut: identity, or avg-pool -> proj conv in a block's first layer), then window and
     grid attention (x += attn(LN(x)); x += mlp(LN(x))); classifier pool -> LN -> Linear -> tanh -> Linear (no bias).
 
-    translation: the last Linear's columns. scale: the stem conv and conv_a / conv_b per channel (BN); the last
-    block's stream (read only by BatchNorms and LayerNorms): one joint group. rescale: the stem's second conv
-    (read by the first proj conv, normalised per channel by pre_norm) per channel; pre_norm's affine (read by
-    conv_a); each attention's and MLP's LayerNorm affine (read by to_qkv / the first MLP Linear); one joint group
-    per earlier block stream (read by the next block's proj conv, tied by the LayerNorms); the classifier
-    LayerNorm's affine. Gap: attention is written with einsum, a barrier (no value, pair or key-bias groups).
+    translation: the last Linear's columns; per attention of width D (einsum q k^T plus a relative position bias
+    constant per (head, i, j), then softmax over the keys): the key bias per coordinate (k is multiplied by a
+    constant scale factor first, which keeps the shift constant over the keys): D. scale: the stem conv and
+    conv_a / conv_b per channel (BN); the last block's stream (read only by BatchNorms and LayerNorms): one joint
+    group. rescale: the stem's second conv (read by the first proj conv, normalised per channel by pre_norm) per
+    channel; pre_norm's affine (read by conv_a); each attention's and MLP's LayerNorm affine (read by to_qkv /
+    the first MLP Linear); per attention of width D, the values (to_qkv's value row c -> merge's column c) and the
+    query/key pairs (to_qkv's query row c with key row c): 2 D; one joint group per earlier block stream (read by
+    the next block's proj conv, tied by the LayerNorms); the classifier LayerNorm's affine.
     """
     layers = [layer for block in model.blocks for layer in block.layers]
     scale = model.stem[0][1].num_features
     rescale = model.stem[1][0].out_channels + _width(model.classifier[2]) + len(model.blocks) - 1
+    translation = _head(model.classifier[-1])
     for layer in layers:
         mb = layer.layers.MBconv.layers
         scale += mb.conv_a[1].num_features + mb.conv_b[1].num_features
         rescale += _width(mb.pre_norm)
         for part in (layer.layers.window_attention, layer.layers.grid_attention):
-            rescale += _width(part.attn_layer[0]) + _width(part.mlp_layer[0])
-    return _head(model.classifier[-1]), scale + 1, rescale
+            width = part.attn_layer[1].merge.in_features
+            rescale += _width(part.attn_layer[0]) + _width(part.mlp_layer[0]) + 2 * width
+            translation += width
+    return translation, scale + 1, rescale
 
 
 # ---- dispatch --------------------------------------------------------------------------------------------
@@ -361,12 +375,10 @@ AUX_FAMILIES: dict[str, Callable[[nn.Module, bool], Counts]] = {"GoogLeNet": goo
 def gap(model: nn.Module) -> str | None:
     """The documented detector gap a model's derivation follows (symmetries that exist but are not found), or None."""
     name = type(model).__name__
-    if name == "MaxVit":
-        return "attention written with einsum is a barrier: no value, query/key pair or key-bias groups there"
     if name == "SwinTransformer" and any(isinstance(m, torchvision.models.swin_transformer.SwinTransformerBlockV2)
                                          for m in model.modules()):
-        return ("qkv is F.linear with a bias computed in forward (a barrier): the value groups, the per-channel "
-                "stream groups and the per-head query scale groups that exist are not found")
+        return ("cosine attention normalises q and k with F.normalize, whose clamp_min(eps) is a barrier: the "
+                "per-head query and key scale groups that exist are not found")
     return None
 
 

@@ -25,6 +25,7 @@ from .options import (
     InputShapeOpt,
     LossOpt,
     ModelArg,
+    ModelSetOpt,
     NumClassesOpt,
     VocabOpt,
     example,
@@ -38,6 +39,7 @@ def symmetries(
     input_dtype: InputDtypeOpt = None,
     vocab: VocabOpt = None,
     num_classes: NumClassesOpt = None,
+    overrides: ModelSetOpt = None,
     batch: BatchOpt = 4,
     loss: LossOpt = "cross_entropy",
     class_dim: ClassDimOpt = None,
@@ -57,7 +59,7 @@ def symmetries(
     """Find every symmetry of MODEL from its computation graph: a table per layer and kind with the coverage (the
     fraction of parameters in groups, the ops that blocked the rest), then certification; or JSON."""
     objective = build_objective(loss, class_dim)
-    resolved, inputs = example(model, input_shape, input_dtype, vocab, num_classes, batch, seed, eval_mode)
+    resolved, inputs = example(model, input_shape, input_dtype, vocab, num_classes, batch, seed, eval_mode, overrides)
     net = resolved.model
     found = find_symmetries(net, inputs, loss=objective.spec)
     if as_json or json_full:
@@ -107,6 +109,7 @@ def check(
     input_dtype: InputDtypeOpt = None,
     vocab: VocabOpt = None,
     num_classes: NumClassesOpt = None,
+    overrides: ModelSetOpt = None,
     batch: BatchOpt = 8,
     loss: LossOpt = "cross_entropy",
     class_dim: ClassDimOpt = None,
@@ -123,7 +126,7 @@ def check(
     beyond tolerance, and 2 when the model or the options are wrong.
     """
     objective = build_objective(loss, class_dim)
-    resolved, inputs = example(model, input_shape, input_dtype, vocab, num_classes, batch, seed)
+    resolved, inputs = example(model, input_shape, input_dtype, vocab, num_classes, batch, seed, overrides=overrides)
     result = check_model(resolved, inputs, hessian=hessian, seed=seed, objective=objective)
     if result.report is None:
         console.print(empty_message(result.found.meta) + " Nothing to check.", markup=False, highlight=False)

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from ..errors import NMechError
@@ -53,7 +54,8 @@ def main() -> None:
     try:
         app()
     except NMechError as exc:
-        err_console.print(f"[red]error:[/red] {exc.what}")
+        # escaped: a message may hold brackets that are not markup (pip install 'neural-mechanics[hf]')
+        err_console.print(f"[red]error:[/red] {escape(exc.what)}")
         if exc.fix:
-            err_console.print(f"[cyan]what to do:[/cyan] {exc.fix}")
+            err_console.print(f"[cyan]what to do:[/cyan] {escape(exc.fix)}")
         sys.exit(2)

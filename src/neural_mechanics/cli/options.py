@@ -8,12 +8,14 @@ import typer
 
 from ..errors import NMechError
 from ..experiments.checks import load_example
+from ..experiments.hub_models import parse_overrides
 from ..experiments.specs import parse_input_dtype
 
 MODEL_HELP = (
     "The model: a preset name (see `nmech presets`), `torchvision:NAME` (e.g. torchvision:resnet18, random "
-    "weights) or `package.module:factory` (a callable returning an nn.Module; the module is imported from the "
-    "current directory first, as `python -m` does)."
+    "weights), `timm:NAME` (timm.create_model(NAME, pretrained=False)), `hf:CLASS` (a transformers model class from "
+    "its default config, e.g. hf:GPT2LMHeadModel; shrink it with --set) or `package.module:factory` (a callable "
+    "returning an nn.Module; the module is imported from the current directory first, as `python -m` does)."
 )
 ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)]
 InputShapeOpt = Annotated[
@@ -32,6 +34,12 @@ VocabOpt = Annotated[
                  "the model's first nn.Embedding)."),
 ]
 NumClassesOpt = Annotated[int | None, typer.Option("--num-classes", help="Number of classes for the classifier.")]
+ModelSetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="timm:/hf: models: a constructor keyword (timm) or config key "
+                 "(hf), typed int/float/bool, repeatable: --set num_hidden_layers=2 --set hidden_size=64. hf: "
+                 "language models read --input-shape tokens per example (default 16) below the config's vocab_size."),
+]
 BatchOpt = Annotated[int, typer.Option("--batch", min=2, help="Example batch size (>= 2 for train-mode BatchNorm).")]
 LossOpt = Annotated[
     str,
@@ -48,11 +56,12 @@ EvalOpt = Annotated[bool, typer.Option("--eval", help="Analyse the model in eval
 
 
 def example(model: str, input_shape: str | None, input_dtype: str | None, vocab: int | None, num_classes: int | None,
-             batch: int, seed: int, eval_mode: bool = False) -> tuple[Any, Any]:
-    """The resolved model and its example batch, from the shared MODEL options."""
+             batch: int, seed: int, eval_mode: bool = False, overrides: list[str] | None = None) -> tuple[Any, Any]:
+    """The resolved model and its example batch, from the shared MODEL options (`overrides`: the `--set KEY=VALUE`
+    of a timm: / hf: model)."""
     return load_example(model, input_shape=parse_shape(input_shape), num_classes=num_classes, batch=batch, seed=seed,
                         eval_mode=eval_mode, input_dtype=parse_input_dtype(input_dtype) if input_dtype else None,
-                        vocab_size=vocab)
+                        vocab_size=vocab, overrides=parse_overrides(overrides))
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

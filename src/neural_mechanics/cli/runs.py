@@ -67,9 +67,13 @@ def report(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Directory for the demo run and its report.")] = Path("runs/demo"),
     steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default: the demo config's).")] = None,
+    optimizer: Annotated[str, typer.Option(
+        "--optimizer", help="sgd: the paper's setting (SGD + momentum, config demo); adamw: AdamW on digits with 30% "
+                            "randomised labels (config digits-adamw-noisy, 3000 steps), its rotational "
+                            "equilibrium in the report.")] = "sgd",
 ) -> None:
     """The embedded default: a small VGG-style BatchNorm net on scikit-learn's digits, end to end."""
-    run_demo(out, steps=steps, console=console)
+    run_demo(out, steps=steps, optimizer=optimizer, console=console)
 
 
 @app.command(cls=_Command)

@@ -36,11 +36,13 @@ MODEL_INPUT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, Assertion
 
 def load_example(spec: str, *, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
                  batch: int = 4, seed: int = 0, eval_mode: bool = False, input_dtype: torch.dtype | None = None,
-                 vocab_size: int | None = None) -> tuple[ResolvedModel, Tensor]:
-    """The model a MODEL spec names (`resolve_model`, with `input_shape`, `input_dtype` and `vocab_size` applied)
-    in train mode (eval mode if asked), and its seeded example batch of `batch` inputs."""
+                 vocab_size: int | None = None, overrides: dict[str, Any] | None = None
+                 ) -> tuple[ResolvedModel, Tensor]:
+    """The model a MODEL spec names (`resolve_model`, with `input_shape`, `input_dtype`, `vocab_size` and the
+    `overrides` of a timm: / hf: model applied) in train mode (eval mode if asked), and its seeded example batch of
+    `batch` inputs."""
     resolved = resolve_model(spec, num_classes=num_classes, input_shape=input_shape, input_dtype=input_dtype,
-                             vocab_size=vocab_size)
+                             vocab_size=vocab_size, overrides=overrides)
     inputs = resolved.example_inputs(batch, seed=seed)
     resolved.model.train(not eval_mode)
     return resolved, inputs

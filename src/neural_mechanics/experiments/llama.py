@@ -19,9 +19,9 @@ Its symmetries (docs/theory.md section 1), all found by the detector from the ca
   W_o and each W_down) by one factor changes nothing: one group;
 - rescale: each RMSNorm weight coordinate with the columns of the linear layers reading it (W_q, W_k, W_v, or
   W_gate, W_up, or the head); each value channel with the W_o column reading it; each W_up row with the W_down
-  column reading it (silu(gate) * up is linear in up).
-Queries and keys are not paired: the rotary embedding mixes coordinates c and c + d_h/2, so the detector treats the
-attention scores as a barrier for them (sound, not complete).
+  column reading it (silu(gate) * up is linear in up); each rotary pair of a head: the W_q rows {c, c + d_h/2}
+  with the W_k rows {c, c + d_h/2} (the rotary embedding rotates coordinates c and c + d_h/2 together, so only the
+  pair scales jointly: alpha on the queries, 1/alpha on the keys).
 """
 
 from __future__ import annotations

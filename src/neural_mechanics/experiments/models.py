@@ -233,7 +233,8 @@ def digits_vgg(num_classes: int = 10, batch_norm: bool = True, **kwargs: int) ->
 class MLP(nn.Module):
     """Flatten, then per hidden width h: Linear(prev, h) [+ BatchNorm1d(h)] + ReLU; then Linear(prev, num_classes).
 
-    Accepts (N, F) or (N, C, H, W) inputs (the latter are flattened), with F = `in_features`.
+    Accepts (N, F) or (N, C, H, W) inputs (the latter are flattened), with F = `in_features`. `bias=False` and
+    `affine=False` (BatchNorm without weight and bias) leave only matrices to train, what torch.optim.Muon takes.
     """
 
     def __init__(
@@ -242,18 +243,21 @@ class MLP(nn.Module):
         num_classes: int = 10,
         hidden: Sequence[int] = (128, 128),
         batch_norm: bool = False,
+        *,
+        bias: bool = True,
+        affine: bool = True,
     ):
         super().__init__()
         self.input_shape = (in_features,)
         layers: list[nn.Module] = [nn.Flatten()]
         prev = in_features
         for h in hidden:
-            layers.append(nn.Linear(prev, h))
+            layers.append(nn.Linear(prev, h, bias=bias))
             if batch_norm:
-                layers.append(nn.BatchNorm1d(h))
+                layers.append(nn.BatchNorm1d(h, affine=affine))
             layers.append(nn.ReLU(inplace=True))
             prev = h
-        layers.append(nn.Linear(prev, num_classes))
+        layers.append(nn.Linear(prev, num_classes, bias=bias))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -261,10 +265,12 @@ class MLP(nn.Module):
 
 
 def mlp(
-    num_classes: int = 10, in_features: int = 64, hidden: Sequence[int] = (128, 128), batch_norm: bool = False
+    num_classes: int = 10, in_features: int = 64, hidden: Sequence[int] = (128, 128), batch_norm: bool = False,
+    *, bias: bool = True, affine: bool = True,
 ) -> MLP:
     """A ReLU MLP (see `MLP`); defaults fit the 64 pixels of a digits image."""
-    return MLP(in_features=in_features, num_classes=num_classes, hidden=hidden, batch_norm=batch_norm)
+    return MLP(in_features=in_features, num_classes=num_classes, hidden=hidden, batch_norm=batch_norm, bias=bias,
+               affine=affine)
 
 
 # -- presets -----------------------------------------------------------------------------------
@@ -336,6 +342,15 @@ PRESETS: dict[str, ModelPreset] = {
             10,
             "digits",
             "ReLU MLP 64-128-128-10 with BatchNorm1d after each hidden Linear",
+        ),
+        ModelPreset(
+            "mlp-bn-matrices",
+            partial(mlp, batch_norm=True, bias=False, affine=False),
+            (1, 8, 8),
+            10,
+            "digits",
+            "the mlp-bn without biases and BatchNorm affine parameters: every trainable parameter a matrix "
+            "(what torch.optim.Muon trains; each hidden row is a scale group)",
         ),
         ModelPreset(
             "mlp",

@@ -15,13 +15,15 @@ after which `optimizer: {name: adagrad, lr: 0.01}` is a valid config section. A 
 `--set optimizer=adagrad` on a config with momentum 0.9 is an error, not a silently different experiment). An
 optimizer from an optional package registers a builder that imports the package, and a `validate` that says
 how to install it when it is missing (so the config fails before the run starts) and then calls
-`refuse_unused_keys`. The four built-in specs keep the rules they always had (sgd tolerates adam's betas, and
-so on), so every existing config means what it meant.
+`refuse_unused_keys` (lion does this: lion-pytorch is an optional extra). The four original specs keep the
+rules they always had (sgd tolerates adam's betas, and so on), so every existing config means what it meant; lion
+and muon (torch.optim.Muon: matrices only, refused with a ConfigError for other parameters) refuse unused keys.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +38,7 @@ from neural_mechanics.experiments.schema import changed_fields, check
 class OptimizerConfig:
     """The `optimizer` section of a training config. `name` is a registered optimizer (`optimizer_names()`);
     which of the other keys it reads is its spec's `keys` (momentum/dampening/nesterov: sgd, momentum also
-    rmsprop; betas/eps: adam/adamw; alpha/eps: rmsprop)."""
+    rmsprop and muon, nesterov also muon; betas/eps: adam/adamw, betas also lion; alpha/eps: rmsprop)."""
 
     name: str = "sgd"
     lr: float = 0.1
@@ -160,6 +162,43 @@ def _validate_rmsprop(cfg: OptimizerConfig) -> None:
     check(cfg.dampening == 0, "optimizer.dampening", "rmsprop has no dampening", "remove it")
 
 
+LION_HINT = "pip install 'neural-mechanics[lion]' (or: pip install lion-pytorch)"
+
+
+def _validate_lion(cfg: OptimizerConfig) -> None:
+    """lion needs the optional lion-pytorch package: say how to install it before the run starts."""
+    if importlib.util.find_spec("lion_pytorch") is None:
+        raise ConfigError("optimizer.name: lion needs the lion-pytorch package, which is not installed", LION_HINT)
+    check(all(0 <= b <= 1 for b in cfg.betas), "optimizer.betas", f"must be in [0, 1], got {cfg.betas}",
+          "e.g. [0.9, 0.99] (Lion's defaults)")
+    get_optimizer("lion").refuse_unused_keys(cfg)
+
+
+def _build_lion(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    # lion-pytorch is an optional extra, imported only when a Lion is built (`_validate_lion` has checked it)
+    from lion_pytorch import Lion
+
+    return Lion(params, **kwargs)
+
+
+def _validate_muon(cfg: OptimizerConfig) -> None:
+    check(cfg.dampening == 0, "optimizer.dampening", "muon has no dampening", "remove it")
+    get_optimizer("muon").refuse_unused_keys(cfg)
+
+
+def _build_muon(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """torch.optim.Muon over `params`, which must all be matrices (torch's Muon refuses anything else)."""
+    params = list(params)
+    others = [tuple(p.shape) for p in params if p.ndim != 2]
+    if others:
+        raise ConfigError(f"optimizer.name: torch.optim.Muon trains 2-D parameters only, and this model has "
+                          f"{len(others)} others (shapes {', '.join(map(str, others[:4]))}"
+                          f"{', ...' if len(others) > 4 else ''}: biases, norms, convolutions)",
+                          "use a model whose trainable parameters are all matrices (preset mlp-bn-matrices), "
+                          "or optimizer.name adamw")
+    return torch.optim.Muon(params, **kwargs)
+
+
 register_optimizer(OptimizerSpec(
     "sgd", torch.optim.SGD, keys=("lr", "momentum", "dampening", "nesterov", "weight_decay"),
     description="torch.optim.SGD (heavy-ball or Nesterov momentum, dampening, coupled weight decay)",
@@ -173,3 +212,12 @@ register_optimizer(OptimizerSpec(
 register_optimizer(OptimizerSpec(
     "rmsprop", torch.optim.RMSprop, keys=("lr", "alpha", "eps", "momentum", "weight_decay"),
     description="torch.optim.RMSprop (optionally with momentum)", validate=_validate_rmsprop))
+register_optimizer(OptimizerSpec(
+    "lion", _build_lion, keys=("lr", "betas", "weight_decay"),
+    description="lion_pytorch.Lion (sign updates, decoupled weight decay; optional: " + LION_HINT + ")",
+    validate=_validate_lion))
+if hasattr(torch.optim, "Muon"):
+    register_optimizer(OptimizerSpec(
+        "muon", _build_muon, keys=("lr", "momentum", "nesterov", "weight_decay"),
+        description="torch.optim.Muon (orthogonalised matrix updates, decoupled weight decay; matrices only)",
+        validate=_validate_muon))

@@ -11,6 +11,8 @@ same way everywhere:
   is called, with `num_classes=` when it accepts it; a result that is an `nn.Module` class is instantiated the
   same way; an `nn.Module` instance is used as is.
 - a preset name from `neural_mechanics.experiments.models.PRESETS` (e.g. `vgg16-bn-tinyimagenet`).
+- `timm:NAME` and `hf:CLASS` (a transformers model class from its default config): `experiments.hub_models`, with
+  `overrides` (`--set key=value`) passed to `timm.create_model` or the config.
 
 The input shape (one example, no batch dimension) matters because symmetry detection and the
 constraint checks run the model on example inputs. torchvision models get a per-family default (see
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from neural_mechanics.errors import InputShapeError, ModelSpecError
+from neural_mechanics.experiments.hub_models import HF_PREFIX, TIMM_PREFIX, HubModel, resolve_hf, resolve_timm
 from neural_mechanics.experiments.importing import accepts_keyword, import_object
 from neural_mechanics.experiments.models import PRESETS, get_preset
 
@@ -257,16 +260,26 @@ def resolve_model(
     input_shape: tuple[int, ...] | None = None,
     input_dtype: torch.dtype | None = None,
     vocab_size: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> ResolvedModel:
-    """Build the model that `spec` names (torchvision:NAME, package.module:factory or a preset; see module docs).
+    """Build the model that `spec` names (torchvision:NAME, timm:NAME, hf:CLASS, package.module:factory or a preset;
+    see module docs).
 
     `num_classes` overrides the model's default output width; `input_shape` overrides the default example shape;
-    `input_dtype` and `vocab_size` say what the example inputs hold (see `example_input_kind`).
+    `input_dtype` and `vocab_size` say what the example inputs hold (see `example_input_kind`); `overrides` are the
+    `--set key=value` of a timm: or hf: model (`hub_models.parse_overrides`).
     Raises ModelSpecError (with what went wrong and what to do) for anything that cannot be resolved.
     """
     spec = spec.strip()
     if input_shape is not None:
         input_shape = tuple(int(s) for s in input_shape)
+    for prefix, resolve in ((TIMM_PREFIX, resolve_timm), (HF_PREFIX, resolve_hf)):
+        if spec.startswith(prefix):
+            hub = resolve(spec[len(prefix):].strip(), num_classes, overrides or {})
+            return _from_hub(spec, hub, input_shape, input_dtype, vocab_size)
+    if overrides:
+        raise ModelSpecError(f"--set {', '.join(overrides)}: only timm:NAME and hf:CLASS models take overrides",
+                             "drop --set, or build the model yourself and pass package.module:factory")
     if spec.startswith(TORCHVISION_PREFIX):
         resolved = _resolve_torchvision(spec, spec[len(TORCHVISION_PREFIX) :].strip(), num_classes)
         return _with_inputs(resolved, input_shape, input_dtype, vocab_size)
@@ -298,6 +311,16 @@ def resolve_model(
         spec=spec,
         description=preset.description,
     )
+    return _with_inputs(resolved, input_shape, input_dtype, vocab_size)
+
+
+def _from_hub(spec: str, hub: HubModel, input_shape: tuple[int, ...] | None, input_dtype: torch.dtype | None,
+              vocab_size: int | None) -> ResolvedModel:
+    """A timm or transformers model with its example inputs: token ids below the config's vocabulary unless the
+    options say otherwise."""
+    if vocab_size is None and (input_dtype is None or _is_token_dtype(input_dtype)):
+        vocab_size = hub.vocab_size
+    resolved = ResolvedModel(hub.model, hub.input_shape, hub.num_classes, spec, hub.description)
     return _with_inputs(resolved, input_shape, input_dtype, vocab_size)
 
 
@@ -385,6 +408,7 @@ def _raise_unknown(spec: str) -> NoReturn:
     if spec in tv:
         hints.append(f"for the torchvision model write torchvision:{spec}.")
     hints.append(
-        "a MODEL is torchvision:NAME, package.module:factory, or one of the presets: " + ", ".join(PRESETS) + "."
+        "a MODEL is torchvision:NAME, timm:NAME, hf:CLASS, package.module:factory, or one of the presets: "
+        + ", ".join(PRESETS) + "."
     )
     raise ModelSpecError(f"unknown model {spec!r}", " ".join(hints))

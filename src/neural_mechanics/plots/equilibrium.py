@@ -86,6 +86,11 @@ def fig_equilibrium(run: Any, smooth: int | None = None) -> Figure:
     view.require("groups", ("step", "group", "kind", "layer", "measured"), "equilibrium")
     if "scale" not in view.kinds():
         raise FigureUnavailable("equilibrium: the run has no scale symmetries")
+    optimizer = str(view.hyper.get("optimizer") or "SGD")
+    if optimizer != "SGD":
+        raise FigureUnavailable(f"equilibrium: this figure draws SGD's closed forms (docs/theory.md section 3.5); "
+                                f"this run uses {optimizer}: its predictions are drawn by "
+                                "plots.rotational.fig_rotational_equilibrium")
     lam = view.hyper_value("weight_decay", 0.0)
     if lam <= 0:
         raise FigureUnavailable("equilibrium: weight decay is 0, so scale charges have no equilibrium",

@@ -25,11 +25,13 @@ from matplotlib.figure import Figure
 
 from neural_mechanics.errors import RunStoreError
 from neural_mechanics.plots import figures as F
+from neural_mechanics.plots.rotational import equilibrium_reason, fig_rotational_equilibrium
 from neural_mechanics.plots.source import FigureUnavailable, RunView, load_run
 from neural_mechanics.plots.style import KIND_COLORS, PREDICTION_STYLE, close, png_bytes
 from neural_mechanics.plots.toy import fig_conserved_surfaces
 from neural_mechanics.symmetry.coverage import EXTENDING
 from neural_mechanics.symmetry.kinds import KINDS
+from neural_mechanics.tracking.metrics import REGIME_MIN_UPDATE_RATIO, equilibrium_regime
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,9 @@ def _sections(view: RunView, constraints: Any, param_trace: pd.DataFrame | None,
     momentum_note = (" Rows: " + "; ".join(runs) + "." if compare else
                      " Pass `compare={'label': other_run}` (CLI: `nmech report RUN --compare LABEL=RUN_DIR`; e.g. "
                      "the same model with and without momentum) to draw them as extra rows.")
-    return [
+    # one equilibrium figure per run: SGD's closed forms (section 3.5) or the equilibrium columns of other optimizers
+    sgd = str(view.hyper.get("optimizer") or "SGD") == "SGD"
+    sections = [
         Section("training", "Training curves", "Loss (log scale) and accuracy logged by the training loop.",
                 lambda: F.fig_training_curves(view)),
         Section("charges", "Charges: measured vs predicted",
@@ -81,6 +85,12 @@ def _sections(view: RunView, constraints: Any, param_trace: pd.DataFrame | None,
                 "the angular update against its equilibrium value, and a phase portrait in which every "
                 "layer approaches (1, 0).",
                 lambda: F.fig_equilibrium(view)),
+        Section("rotational", "Equilibrium predictions per layer (adaptive optimizers)",
+                "Per layer, from the tracker's equilibrium columns (docs/theory.md section 6.3): squared norm "
+                "against predicted_equilibrium, the angle per step against angular_update_eq, and the regime "
+                "check update_ratio = |u|²/(its noise-dominated value); below the grey line a layer's updates have "
+                "shrunk toward eps (it fits its data) and the predictions are not expected to hold.",
+                lambda: fig_rotational_equilibrium(view)),
         Section("constraints", "Gradient and Hessian constraints",
                 "Relative residuals of the constraints per group next to the same quantity for random "
                 "directions: many orders of magnitude apart when the symmetry holds.",
@@ -91,6 +101,7 @@ def _sections(view: RunView, constraints: Any, param_trace: pd.DataFrame | None,
                 "gradient flow stays on a plane (translation), a sphere (scale) or a hyperboloid (rescale).",
                 fig_conserved_surfaces),
     ]
+    return [sec for sec in sections if sec.key != ("rotational" if sgd else "equilibrium")]
 
 
 @lru_cache(maxsize=4)
@@ -243,6 +254,33 @@ def _applicability(view: RunView) -> str:
     return f"<div class='card'><h3>Predictions</h3><table>{rows}</table></div>"
 
 
+def _equilibrium(view: RunView) -> str:
+    """The tracker's equilibrium verdict in words, and per layer whether it is in the theory's regime."""
+    reason = equilibrium_reason(view)
+    if not reason:
+        return ""
+    regime = equilibrium_regime(view.groups) if len(view.groups) else pd.DataFrame()
+    if regime.empty:
+        return f"<p class='meta'><strong>No equilibrium prediction:</strong> {_e(reason)}.</p>"
+    out = [f"<p class='meta'>{_e(reason)}. Last 30 % of the logged steps, per layer (medians over its scale "
+           "groups): measured / predicted angle per step, and update_ratio, the regime check.</p>"]
+    records: list[dict[Any, Any]] = regime.to_dict("records")
+    outside = [str(r["layer"]) for r in records if r["in_regime"] is False]
+    if outside:
+        out.append(f"<p><strong>Outside the regime of the prediction in {len(outside)} of {len(regime)} layer(s)"
+                   f"</strong> (update_ratio &lt; {REGIME_MIN_UPDATE_RATIO:g}: the updates have shrunk toward the "
+                   "optimizer's eps, typically because the layer fits its training data, so gradients are no longer "
+                   "noise-dominated); their measured angles are expected to fall below the prediction.</p>")
+    rows = "".join(
+        f"<tr><td><code>{_e(r['layer'])}</code></td><td class='num'>{int(r['n_groups'])}</td>"
+        f"<td class='num'>{_fmt(float(r['angle_ratio']))}</td><td class='num'>{_fmt(float(r['update_ratio']))}</td>"
+        f"<td>{'n/a' if r['in_regime'] is None else 'yes' if r['in_regime'] else '<strong>no</strong>'}</td></tr>"
+        for r in records)
+    out.append("<table><tr><th>layer</th><th class='num'>groups</th><th class='num'>angle measured / predicted</th>"
+               f"<th class='num'>update_ratio</th><th>in regime</th></tr>{rows}</table>")
+    return "".join(out)
+
+
 def _symmetry_summary(view: RunView) -> str:
     g = view.groups
     by_kind: dict[str, int]
@@ -358,6 +396,7 @@ def report_html(run: Any, *, constraints: Any = None, param_trace: pd.DataFrame 
         "</div>",
         "<h2>Symmetries</h2>", _symmetry_summary(view),
         "<h2>Prediction error</h2>", _applicability(view), _error_table(view),
+        "<h2>Equilibrium</h2>" if equilibrium_reason(view) else "", _equilibrium(view),
         "<h2>Figures</h2>", *(_figure_html(r) for r in rendered),
         notes_html,
         f"<footer>versions: {_fmt(versions) if versions else 'not recorded'}</footer>",

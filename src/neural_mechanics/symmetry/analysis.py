@@ -9,9 +9,9 @@ table (ops/, one module per op family) and rules.py runs them over a graph.
 from __future__ import annotations
 
 import operator
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -20,15 +20,19 @@ from torch.fx import Node
 
 from neural_mechanics.symmetry.capture import CapturedGraph
 from neural_mechanics.symmetry.graph import (
+    INVARIANT,
     UnionFind,
     fit,
     invariant_label,
     live,
+    slots_in,
     taint,
 )
 
 if TYPE_CHECKING:
     from neural_mechanics.symmetry.ops.attention import ContractionSite, QKPair
+    from neural_mechanics.symmetry.ops.rms_norm import RmsNorm
+    from neural_mechanics.symmetry.ties import TieOutcome
 
 Role = Literal["in", "out"]
 Labels = Any  # Tensor | list[Tensor] | None
@@ -65,7 +69,15 @@ class Analysis:
     """node -> the `blocked` keys counted there (what `describe_graph` shows next to the op)."""
     eval_batchnorm: list[str] = field(default_factory=list)
     unusable: dict[str, str] = field(default_factory=dict)
-    """parameter name -> why it cannot be in a group (frozen, shared)."""
+    """parameter name -> why it cannot be in a group (frozen)."""
+    tied: dict[str, int] = field(default_factory=dict)
+    """parameter name -> how many times live ops use it, for parameters used more than once (ties.py)."""
+    tie_uses: dict[str, dict[Node, list[Contribution]]] = field(default_factory=dict)
+    """tied parameter -> use node -> the contributions of that parameter the node's rule made."""
+    tie_twice: set[Node] = field(default_factory=set)
+    """Nodes that use one tied parameter more than once (never joined: ties.py)."""
+    ties: list[TieOutcome] = field(default_factory=list)
+    """What became of each tied parameter (ties.py, `resolve_ties`)."""
     env: dict[Node, Labels] = field(default_factory=dict)
     dead: list[Node] = field(default_factory=list)
     """Ops whose value never reaches the output nor Python (an unused branch)."""
@@ -73,6 +85,8 @@ class Analysis:
     """`_weight_norm` node -> (v name, g name, dim)."""
     scale_chains: dict[Node, Any] = field(default_factory=dict)
     """End of a parameter's reshape chain -> (parameter node, chain) for `gamma.view(...) * x`."""
+    rms_norms: dict[Node, RmsNorm] = field(default_factory=dict)
+    """Hand-written RMS normalisations, keyed by their normalising product (ops/rms_norm.py)."""
     contraction_sites: list[ContractionSite] = field(default_factory=list)
     """Query/key contractions whose factors are tainted only at the end (`resolve_contractions`)."""
     qk_pairs: list[QKPair] = field(default_factory=list)
@@ -83,7 +97,12 @@ class Analysis:
         return self.cap.params.get(arg) if isinstance(arg, Node) else None
 
     def usable(self, name: str | None) -> bool:
+        """Whether the parameter may be in a channel group (not frozen; a tied one is, jointly over its uses)."""
         return name is not None and name not in self.unusable
+
+    def alone(self, name: str | None) -> bool:
+        """Whether the parameter may move on its own (a translation group): usable and used by one op only."""
+        return self.usable(name) and name not in self.tied
 
     # ---- labels ------------------------------------------------------------------------------
     def lab(self, arg: Any, ndim: int | None = None) -> Tensor:
@@ -130,6 +149,14 @@ class Analysis:
         view[dim] = n
         return base, (base + torch.arange(n)).view(view)
 
+    def moving(self, lab: Tensor) -> bool:
+        """Whether some entry's class can still move (a live slot not joined to INVARIANT).
+
+        Tainting is final, so a factor none of whose classes can move is a constant for every op after it
+        (`gelu_new(gate) * up`: the gate's class was tainted by its pow before the product).
+        """
+        return any(self.uf.find(s) != INVARIANT for s in slots_in(lab))
+
     def taint_args(self, args: Iterable[Any]) -> bool:
         """Taint every slot that reaches one of `args` (the graph nodes among them); True if any slot was live."""
         found = False
@@ -151,6 +178,26 @@ class Analysis:
         if self.taint_args(flat_args(node)):
             self.note_blocked(node, opname(node))
         return invariant_outputs(node)
+
+
+def oriented_classes(a: Analysis, roots: set[int] | None = None) -> dict[int, list[Contribution]]:
+    """Contributions by class root (INVARIANT left out), roles as seen from the class's own factor.
+
+    A slot joined to its class *anti* (a tied parameter: symmetry/ties.py) scales by the inverse of the
+    class factor, so its writers act like readers and its readers like writers: their roles are flipped.
+    The orientation of a class is that of its first contribution (in graph order). roots: only these classes.
+    """
+    uf = a.uf
+    by_root: dict[int, list[Contribution]] = defaultdict(list)
+    orient: dict[int, int] = {}
+    for c in a.contributions:
+        r, parity = uf.find_parity(c.slot)
+        if r == INVARIANT or (roots is not None and r not in roots):
+            continue
+        if orient.setdefault(r, parity) != parity:
+            c = replace(c, role="out" if c.role == "in" else "in")
+        by_root[r].append(c)
+    return by_root
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from neural_mechanics.errors import CaptureError, InputShapeError
+from neural_mechanics.symmetry.einsum import DECOMPOSITIONS
 from neural_mechanics.symmetry.loss import LossLike, as_loss_spec
 from neural_mechanics.symmetry.utils import as_args, quiet_logs
 
@@ -171,7 +172,9 @@ def _make_fx(
 ) -> Any:
     """make_fx, pre-dispatch. mode "fake": shapes only (fast; fails on data-dependent reads such as
     `.item()`); "real": real tensors, data-dependent reads specialised to the example inputs."""
-    return make_fx(f, pre_dispatch=True, tracing_mode=mode, _error_on_data_dependent_ops=False)(  # type: ignore[arg-type]
+    # DECOMPOSITIONS: einsum as linear / matmul (einsum.py)
+    return make_fx(f, decomposition_table=DECOMPOSITIONS, pre_dispatch=True, tracing_mode=mode,  # type: ignore[arg-type]
+                   _error_on_data_dependent_ops=False)(
         list(plist), [b.clone() for b in blist], *inputs
     )
 

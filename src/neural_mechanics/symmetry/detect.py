@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from neural_mechanics.symmetry.analysis import Analysis, Contribution, Role, module_of, opname
+from neural_mechanics.symmetry.analysis import Analysis, Contribution, Role, module_of, opname, oriented_classes
 from neural_mechanics.symmetry.capture import capture
 from neural_mechanics.symmetry.coverage import covered_entries
 from neural_mechanics.symmetry.graph import INVARIANT
@@ -114,11 +114,7 @@ def _chain(contribs: list[Contribution], extra: list[str]) -> tuple[str, ...]:
 
 def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
     uf = a.uf
-    by_root: dict[int, list[Contribution]] = defaultdict(list)
-    for c in a.contributions:
-        r = uf.find(c.slot)
-        if r != INVARIANT:
-            by_root[r].append(c)
+    by_root = oriented_classes(a)
     normalisers: dict[int, list[str]] = defaultdict(list)
     for s, events in a.normalised.items():
         normalisers[uf.find(s)].extend(events)
@@ -208,8 +204,9 @@ def _translation_groups(a: Analysis) -> list[Symmetry]:
             layer = module_of(site.weight)
             key = _key(site.weight)
             for j in range(site.n_in):
-                groups.append(Symmetry("translation", f"translation:{key}[:,{j}]",
-                                       (Member(site.weight, 1, (j,)),), layer, chain))
+                where = f"[:,{j}]" if site.in_dim == 1 else f"[{j}]"
+                groups.append(Symmetry("translation", f"translation:{key}{where}",
+                                       (Member(site.weight, site.in_dim, (j,)),), layer, chain))
         if site.bias is not None:
             groups.append(Symmetry("translation", f"translation:{site.bias}", (Member(site.bias),),
                                    module_of(site.bias), chain))
@@ -272,7 +269,8 @@ def _find(model: nn.Module, example_inputs: Any, loss: LossLike, wanted: set[str
         "training": bool(model.training),
         "graph_nodes": len(cap.graph.nodes),
         "frozen": [n for n, why in a.unusable.items() if why.startswith("frozen")],
-        "shared": [n for n, why in a.unusable.items() if why.startswith("shared")],
+        "shared": list(a.tied),
+        "tied": {t.param: "joint over all uses" if t.joint else f"blocked: {t.reason}" for t in a.ties},
         "blocked_ops": dict(a.blocked),
         "warnings": [],
     }
@@ -297,9 +295,17 @@ def _find(model: nn.Module, example_inputs: Any, loss: LossLike, wanted: set[str
             f"the forward reads {len(leaked)} activation value(s) into Python (.item(), `if tensor:`, .numpy()): "
             "control flow was recorded for the branch these example inputs take, and every channel whose "
             "value reaches Python is treated as blocked")
-    if meta["shared"]:
+    joint = [t.param for t in a.ties if t.joint]
+    blocked = [t.param for t in a.ties if not t.joint]
+    if joint:
         meta["warnings"].append(
-            f"parameters used by more than one operation are left out of every group: {meta['shared']}")
+            f"tied parameters (used by more than one operation) move jointly over all their uses, which breaks "
+            f"the groups each use alone would have (e.g. a residual-stream scale group or a head's softmax "
+            f"translations) and leaves them out of every translation group: {joint}")
+    if blocked:
+        meta["warnings"].append(
+            f"parameters used by more than one operation, whose uses cannot scale together, are left out of "
+            f"every group: {blocked}")
     meta["seconds"] = round(time.perf_counter() - t0, 4)
     return SymmetrySet(groups, meta)
 

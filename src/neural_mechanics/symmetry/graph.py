@@ -29,15 +29,27 @@ INVARIANT = 0
 
 
 class UnionFind:
-    """Disjoint sets over slot ids 0..n-1 (0 = INVARIANT/tainted), with path halving."""
+    """Disjoint sets over slot ids 0..n-1 (0 = INVARIANT/tainted), with path halving and a parity per slot.
+
+    Most unions say "these slots scale by the same factor". A tied parameter (one tensor used by two ops,
+    symmetry/ties.py) can also say "slot a scales by alpha exactly when slot b scales by 1/alpha": an
+    *anti* union. Each slot keeps the parity of its factor's exponent relative to its class root
+    (`find_parity`: 0 = alpha, 1 = 1/alpha). An anti union between two slots already in one class with the
+    same parity (alpha = 1/alpha) leaves alpha = 1 only: the class is tainted. Parity with INVARIANT means
+    nothing (1 = 1/1). Until the first anti union every parity is 0 and the bookkeeping costs nothing.
+    """
 
     def __init__(self) -> None:
         self.parent: list[int] = [0]
+        self.parity: list[int] = [0]
+        self.signed = False
+        """True once an anti union happened (before that every parity is 0)."""
 
     def new(self, n: int) -> int:
         """Allocate n fresh slots; return the first id."""
         first = len(self.parent)
         self.parent.extend(range(first, first + n))
+        self.parity.extend([0] * n)
         return first
 
     def __len__(self) -> int:
@@ -45,19 +57,55 @@ class UnionFind:
 
     def find(self, a: int) -> int:
         parent = self.parent
+        if not self.signed:
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+        parity = self.parity
         while parent[a] != a:
-            parent[a] = parent[parent[a]]
+            p = parent[a]
+            parity[a] ^= parity[p]  # parity of a relative to its grandparent
+            parent[a] = parent[p]
             a = parent[a]
         return a
 
-    def union(self, a: int, b: int) -> bool:
-        """Join the classes of a and b (INVARIANT wins as root); True if they were different."""
-        ra, rb = self.find(a), self.find(b)
+    def find_parity(self, a: int) -> tuple[int, int]:
+        """(root, parity of a relative to the root): a scales by alpha**(-1)**parity when the root scales by alpha."""
+        root = self.find(a)
+        if not self.signed:
+            return root, 0
+        p = 0
+        while a != root:
+            p ^= self.parity[a]
+            a = self.parent[a]
+        return root, p
+
+    def union(self, a: int, b: int, anti: bool = False) -> bool:
+        """Join the classes of a and b (INVARIANT wins as root); True if they were different.
+
+        anti=True: b scales by the inverse of a's factor. Joining a class to itself with the wrong parity
+        (alpha = 1/alpha) taints it.
+        """
+        if anti and not self.signed:
+            self.signed = True
+        if not self.signed:
+            ra, rb = self.find(a), self.find(b)
+            if ra == rb:
+                return False
+            if rb == INVARIANT or (ra != INVARIANT and rb < ra):
+                ra, rb = rb, ra
+            self.parent[rb] = ra
+            return True
+        (ra, pa), (rb, pb) = self.find_parity(a), self.find_parity(b)
         if ra == rb:
+            if ra != INVARIANT and (pa ^ pb) != int(anti):
+                self.union(INVARIANT, ra)  # alpha = 1/alpha: only alpha = 1 is left
             return False
         if rb == INVARIANT or (ra != INVARIANT and rb < ra):
             ra, rb = rb, ra
         self.parent[rb] = ra
+        self.parity[rb] = 0 if ra == INVARIANT else pa ^ pb ^ int(anti)
         return True
 
     def union_all(self, labels: Iterable[int]) -> int | None:

@@ -1,12 +1,14 @@
 """Attention key biases: Linear bias coordinates whose only effect is a shift of the keys, a translation group.
 
 q_i . (k_j + delta) = q_i . k_j + q_i . delta: a shift delta of the keys that is the same for every key adds
-a per-query constant to the scores, which the softmax over the keys ignores. A Linear's bias coordinate j
-adds b_j to feature j of every token; when feature j reaches attention only as keys (through index maps
-and copies), each such coordinate is a translation group of its own. The ops followed, and the two sinks
-(`scaled_dot_product_attention`'s key, the right factor of q @ k^T), are the `Shift` kinds of their records
-in the op-rule table (ops/registry.py); the scores of an explicit q @ k^T must then reach a softmax over
-the keys as a shift (translation.py's `shift_reaches_softmax`).
+a per-query constant to the scores, which the softmax over the keys ignores. A dense layer's bias coordinate j
+(Linear, or GPT-2's Conv1D addmm) adds b_j to feature j of every token; when feature j reaches attention only
+as keys (through index maps and copies, or scaled by a constant), each such coordinate is a translation group
+of its own. The ops followed, and the two sinks (`scaled_dot_product_attention`'s key, the right factor of
+q @ k^T), are the `Shift` kinds of their records in the op-rule table (ops/registry.py); the scores of an
+explicit q @ k^T must then reach a softmax over the keys as a shift (translation.py's
+`shift_reaches_softmax`). A rotary embedding multiplies the keys by position-dependent cos/sin (graph
+values, not constants): the rotated bias is not constant over positions, and the search stops there.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from torch.fx import Node
 from neural_mechanics.symmetry.analysis import Analysis, module_of, ndim_of, replay_op, shape_of, zeros_like_val
 from neural_mechanics.symmetry.ops import Shift, canonical, op_args, shift_kind
 from neural_mechanics.symmetry.ops.attention import factors
+from neural_mechanics.symmetry.ops.linear import shift_source
 from neural_mechanics.symmetry.translation import reaching, shift_reaches_softmax
 
 KEY_SINKS: set[Shift] = {Shift.ATTENTION_KEY, Shift.SCORES}
-KEY_THROUGH: set[Shift] = {Shift.INDEX_MAP, Shift.SAME}
+KEY_THROUGH: set[Shift] = {Shift.INDEX_MAP, Shift.SAME, Shift.SCALAR_FACTOR}
 """The shift kinds the key-bias search follows (labels replayed or carried) and ends at."""
 
 
@@ -53,7 +56,8 @@ def key_bias_coordinates(node: Node, n: int, path: list[str]) -> set[int]:
     """Output features j of a Linear (`node`, n features) whose constant shift reaches attention only as keys.
 
     Feature j's shift delta_j e_j (the same for every token) is followed through index maps (view, permute,
-    select, split, ...) on label tensors (entry = feature index + 1). It is harmless where it enters
+    select, split, ...), copies and products with a constant (`k * scale`) on label tensors (entry = feature
+    index + 1). It is harmless where it enters
     - `scaled_dot_product_attention` as the key, constant along the key axis (dim -2): the scores
       q_i . (k_j + delta) = q_i . k_j + q_i . delta change by a per-query constant, which the softmax over
       keys ignores (additive masks, causal masks and dropout after the softmax do not change that);
@@ -95,6 +99,11 @@ def key_bias_coordinates(node: Node, n: int, path: list[str]) -> set[int]:
         elif kind in KEY_THROUGH:
             if kind is Shift.SAME:
                 val = env[tracked[0]] if u.args[0] in env and len(tracked) == 1 else None
+            elif kind is Shift.SCALAR_FACTOR:  # k * c, k / c: the shift is scaled, still constant over the keys
+                x, other = op_args(u)["input"], op_args(u).get("other")
+                if isinstance(other, Node) and canonical(u) == "aten::mul" and not isinstance(x, Node):
+                    x, other = other, x
+                val = env[x] if x in env and not isinstance(other, Node) and len(tracked) == 1 else None
             else:
                 try:
                     val = _replay(u, env)
@@ -124,11 +133,14 @@ def key_bias_coordinates(node: Node, n: int, path: list[str]) -> set[int]:
                 if x is not key and x not in q_v:
                     bad |= labels_of(env[x])
             continue
-        elif kind is Shift.SCORES and isinstance(factors(u)[1], Node) and factors(u)[1] in env \
-                and factors(u)[0] not in env:
-            lab = env[factors(u)[1]]
+        elif kind is Shift.SCORES and isinstance(factors(u)[1], Node) and factors(u)[1] in env:
+            left, right = factors(u)
+            if left in env:  # the queries come from the same layer (a packed qkv): their features are not keys
+                bad |= labels_of(env[left])
+            lab = env[right]
             sub_path: list[str] = []
-            if _constant_along(lab, -1) and shift_reaches_softmax(u, ndim_of(u) - 1, sub_path, {}):
+            if left is not right and _constant_along(lab, -1) and shift_reaches_softmax(
+                    u, ndim_of(u) - 1, sub_path, {}):
                 good |= labels_of(lab)
                 path.append(f"{u.target}: scores q . (k + delta) change by q . delta, constant over keys")
                 path.extend(dict.fromkeys(reversed(sub_path)))
@@ -149,17 +161,18 @@ def key_bias_coordinates(node: Node, n: int, path: list[str]) -> set[int]:
 
 
 def find_key_bias_sites(a: Analysis) -> list[KeyBiasSite]:
-    """Linear biases (usable, used once) with coordinates that only ever shift attention keys."""
+    """Dense-layer biases (Linear, addmm; usable, used once) with coordinates that only ever shift attention keys."""
     reach = reaching(a.cap.graph, KEY_SINKS, KEY_THROUGH)
     sites = []
     for node in a.cap.graph.nodes:
-        if canonical(node) != "aten::linear" or node not in reach:
+        if canonical(node) not in ("aten::linear", "aten::addmm") or node not in reach:
             continue
-        b = op_args(node).get("bias")
+        parts = shift_source(node)
+        b = None if parts is None else parts.bias
         bname = a.param_name(b)
-        if bname is None or not a.usable(bname):
+        if bname is None or not a.alone(bname):
             continue
-        n = shape_of(b)[0] if shape_of(b) else 0
+        n = shape_of(b)[0] if len(shape_of(b)) == 1 else 0
         path: list[str] = []
         coords = key_bias_coordinates(node, n, path)
         if coords:

@@ -20,6 +20,8 @@ from neural_mechanics.symmetry.graph import taint
 from neural_mechanics.symmetry.ops import Flag, OpRuleError, rule_of
 from neural_mechanics.symmetry.ops.attention import resolve_contractions
 from neural_mechanics.symmetry.ops.layer_scale import find_scale_chains
+from neural_mechanics.symmetry.ops.rms_norm import find_rms_norms
+from neural_mechanics.symmetry.ties import resolve_ties
 
 
 def leaks(node: Node) -> bool:
@@ -68,14 +70,26 @@ def run_rules(cap: CapturedGraph) -> Analysis:
         if not trainable:
             a.unusable[name] = "frozen (requires_grad=False)"
     live_nodes = _reaching_output(cap.graph)
+    tie_users: dict[Node, list[str]] = {}
     for node, name in cap.params.items():
-        uses = sum(1 for u in node.users if u in live_nodes for x in flat_args(u) if x is node)
+        per_user = {u: sum(1 for x in flat_args(u) if x is node) for u in node.users if u in live_nodes}
+        uses = sum(per_user.values())
         if uses > 1 and name not in a.unusable:
-            a.unusable[name] = f"shared: used by {uses} operations"
+            a.tied[name] = uses
+            a.tie_uses[name] = {}
+            for u, k in per_user.items():
+                tie_users.setdefault(u, []).append(name)
+                if k > 1:
+                    a.tie_twice.add(u)
     a.scale_chains = find_scale_chains(cap.graph, cap.params, live_nodes)
     in_chain = {c for _, chain in a.scale_chains.values() for c in chain}
+    a.rms_norms = find_rms_norms(cap.graph, live_nodes)
+    statistics = {s for norm in a.rms_norms.values() for s in norm.statistic}
     for node in cap.graph.nodes:
         if node in in_chain:  # a reshaped layer-scale parameter: handled by the product (layer_scale.py)
+            a.env[node] = invariant_outputs(node)
+            continue
+        if node in statistics:  # an RMS norm's statistic: it feeds only the normalising product (rms_norm.py)
             a.env[node] = invariant_outputs(node)
             continue
         if node.op == "call_function" and node not in live_nodes and not opname(node).endswith("_"):
@@ -94,7 +108,11 @@ def run_rules(cap: CapturedGraph) -> Analysis:
         if node.op != "call_function":
             a.env[node] = a.barrier(node)
             continue
+        start = len(a.contributions)
         _apply(a, node)
+        for name in tie_users.get(node, ()):  # what this use of a tied parameter did with it (ties.py)
+            a.tie_uses[name][node] = [c for c in a.contributions[start:] if c.param == name]
+    a.ties = resolve_ties(a)
     resolve_contractions(a)
     return a
 

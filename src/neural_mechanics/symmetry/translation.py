@@ -30,6 +30,7 @@ from neural_mechanics.symmetry.analysis import Analysis, module_of, ndim_of, rep
 from neural_mechanics.symmetry.graph import compress
 from neural_mechanics.symmetry.ops import Flag, Shift, canonical, op_args, rule_of, shift_kind
 from neural_mechanics.symmetry.ops.elementwise import spatial_dims
+from neural_mechanics.symmetry.ops.linear import shift_source
 from neural_mechanics.symmetry.ops.sinks import softmax_dim
 
 Memo = dict[tuple[Node, int], bool]
@@ -44,6 +45,8 @@ class TranslationSite:
     bias: str | None
     n_in: int
     path: tuple[str, ...]
+    in_dim: int = 1
+    """The weight dim whose slice j is one group (1 for Linear/Conv, 0 for addmm and transposed convs)."""
 
 
 def _replay_rows(node: Node, user: Node, dim: int) -> Any:
@@ -209,16 +212,8 @@ def reaching(graph: torch.fx.Graph, targets: set[Shift], through: set[Shift]) ->
 SOFTMAX_THROUGH: set[Shift] = {kind for kind in STEPS if kind is not Shift.SOFTMAX}
 
 
-def _class_dim(node: Node, x: Any, w: Any) -> int:
-    """The output channel axis of a Linear (last) or Conv (1, or 0 for an unbatched input)."""
-    wdims = len(shape_of(w))
-    if wdims == 2:
-        return ndim_of(node) - 1
-    return 1 if ndim_of(x) == wdims else 0
-
-
 def find_translation_sites(a: Analysis) -> list[TranslationSite]:
-    """Linear/Conv writers (ungrouped, `Flag.SHIFT_SOURCE`) whose output reaches a softmax only as a shift."""
+    """Linear/addmm/Conv writers (ungrouped, `Flag.SHIFT_SOURCE`) whose output reaches a softmax only as a shift."""
     graph = a.cap.graph
     if not any(_any_kind(n) is Shift.SOFTMAX for n in graph.nodes):
         return []
@@ -228,23 +223,23 @@ def find_translation_sites(a: Analysis) -> list[TranslationSite]:
         rule = rule_of(node)
         if rule is None or Flag.SHIFT_SOURCE not in rule.flags or node not in reach:
             continue
-        args = op_args(node)
-        if int(args.get("groups", 1)) != 1:
+        parts = shift_source(node)
+        if parts is None:
             continue
-        x, w, b = args["input"], args["weight"], args.get("bias")
-        wname, bname = a.param_name(w), a.param_name(b)
+        wname, bname = a.param_name(parts.weight), a.param_name(parts.bias)
         if wname is None:
             continue
-        dim = _class_dim(node, x, w)
+        dim = parts.class_dim
         path: list[str] = []
         if not shift_reaches_softmax(node, dim, path, {}):
             continue
         sites.append(TranslationSite(
             node=node,
-            weight=wname if a.usable(wname) else None,
-            bias=bname if a.usable(bname) else None,
-            n_in=shape_of(w)[1],
+            weight=wname if a.alone(wname) else None,
+            bias=bname if a.alone(bname) else None,
+            n_in=shape_of(parts.weight)[parts.in_dim],
             path=(f"{module_of(wname)}: {node.target} writes the logits (class axis = dim {dim})",
                   *dict.fromkeys(reversed(path))),
+            in_dim=parts.in_dim,
         ))
     return sites

@@ -15,6 +15,9 @@ nothing from the package but `errors`, so every layer above may use it.
 * `fixed_rng(seed, device)`: the same dropout masks in every evaluation, the caller's RNG restored.
 * `quiet_logs()`: torch's tracing loggers silenced while a capture is attempted (a failed fake-tensor trace
   logs its traceback before the capture reports a clean error or succeeds another way).
+* `KeepFloat64`: inside the float64 copy's forward, casts to a lower floating precision (an RMS norm's
+  `x.to(torch.float32)`, `softmax(..., dtype=torch.float32)`) stay in float64, so that what remains is float64
+  rounding, not float32's.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from neural_mechanics.errors import InputShapeError
 
@@ -149,7 +153,8 @@ def working_copy(
 ) -> tuple[nn.Module, list[str]]:
     """A deep copy of `model` in `dtype` on which the checks run; the original is never touched.
 
-    On the copy only: every normalisation layer's eps is set to `norm_eps` (None keeps the model's
+    On the copy only: every normalisation layer's eps (`EPS_ATTRIBUTES` of a torch norm or of a module whose
+    class is named *Norm*, such as Hugging Face's LlamaRMSNorm) is set to `norm_eps` (None keeps the model's
     eps, to measure the breaking it causes, relative size ~ eps / batch variance), and train-mode
     BatchNorm stops updating running statistics (it normalises with batch statistics either way, so
     outputs are unchanged; this keeps torch.func transforms free of in-place buffer updates).
@@ -159,12 +164,15 @@ def working_copy(
     notes: list[str] = []
     changed: list[str] = []
     for name, m in work.named_modules():
-        if norm_eps is not None and isinstance(m, NORM_TYPES) and hasattr(m, "eps"):
-            old = m.eps
-            m.eps = norm_eps  # type: ignore[assignment]
+        attr = _eps_attribute(m) if norm_eps is not None else None
+        if attr is not None:
+            old = getattr(m, attr)
+            setattr(m, attr, norm_eps)
             changed.append(f"{name or type(m).__name__} (eps {old})")
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             m.track_running_stats = False
+    if dtype == torch.float64:
+        _keep_float64(work)
     if changed:
         notes.append(
             f"normalisation eps set to {norm_eps:g} on the {_dtype_name(dtype)} copy only, for "
@@ -173,6 +181,65 @@ def working_copy(
             + "; the model's real eps breaks scale symmetry by ~eps/var (physics, visible to the tracker)"
         )
     return work, notes
+
+
+EPS_ATTRIBUTES = ("eps", "variance_epsilon")
+"""Where normalisation layers keep their eps: torch's and timm's `eps`; Hugging Face's hand-written RMS norms
+(LlamaRMSNorm, T5LayerNorm, ...) `variance_epsilon`."""
+
+
+def _eps_attribute(m: nn.Module) -> str | None:
+    """The name of a normalisation layer's float eps attribute: a torch norm (NORM_TYPES) or a class named *Norm*."""
+    if not (isinstance(m, NORM_TYPES) or "Norm" in type(m).__name__):
+        return None
+    for attr in EPS_ATTRIBUTES:
+        if isinstance(getattr(m, attr, None), float):
+            return attr
+    return None
+
+
+_LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_DOWNCASTS = {torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16}
+_TO, _TYPE = torch.Tensor.to, torch.Tensor.type
+
+
+def _promote(value: Any) -> Any:
+    return torch.float64 if value in _LOW_FLOATS else value
+
+
+class KeepFloat64(TorchFunctionMode):
+    """A torch-function mode under which a call that reads a float64 tensor keeps float64 wherever it asks for a
+    lower floating dtype (`x.to(torch.float32)`, `x.float()`, `softmax(x, dtype=torch.float32)`).
+
+    Models compute parts of their forward in float32 on purpose (Hugging Face's RMS norms, softmaxes), which on
+    the float64 working copy would leave float32 rounding (~1e-7) in every certification. Promoting those casts
+    changes no value beyond rounding: the model computes the same function, in float64.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _DOWNCASTS:
+            if args[0].dtype == torch.float64:
+                return args[0]
+        elif func is _TO or func is _TYPE:
+            if args[0].dtype == torch.float64:
+                args = tuple(_promote(a) for a in args)
+                kwargs = {k: _promote(v) if k == "dtype" else v for k, v in kwargs.items()}
+        elif kwargs.get("dtype") in _LOW_FLOATS and any(
+                isinstance(a, Tensor) and a.dtype == torch.float64 for a in args):
+            kwargs = {**kwargs, "dtype": torch.float64}
+        return func(*args, **kwargs)
+
+
+def _keep_float64(work: nn.Module) -> None:
+    """Run the copy's forward under `KeepFloat64` (an instance attribute shadows the class's forward)."""
+    forward = work.forward
+
+    def forward_in_float64(*args: Any, **kwargs: Any) -> Any:
+        with KeepFloat64():
+            return forward(*args, **kwargs)
+
+    work.forward = forward_in_float64  # type: ignore[method-assign]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -7,16 +7,19 @@ stretch gives
     C_eq = eta <g, D g> / (2 lambda - eta lambda^2)                           (plain SGD)
 
 and each step then rotates theta_A by an angle phi with sin phi = eta |g_A| / |theta_A| = sqrt(2 eta lambda -
-eta^2 lambda^2) (and cos phi = 1 - eta lambda). For heavy ball with dampening tau, averaging the exact momentum
+eta^2 lambda^2), i.e. phi = arccos(1 - eta lambda) exactly (the angle between theta_k and theta_{k+1}, the one
+definition of the angular update: `theory/identity.py`). Since |g_A|^2 |theta_A|^2 does not depend on |theta_A|
+(scale invariance), the equilibrium a group is drawn to from its current S is the fixed point
+sqrt(S S_eq(g)) (`scale_fixed_point`). For heavy ball with dampening tau, averaging the exact momentum
 recurrence (Q = beta P + (1 - tau) lambda C, P = Q - eta |b|^2, 2 Q = eta |b|^2 in the mean) gives, exactly in
 time average,
 
     C_eq = eta (1 + beta) <b, D b> / (2 lambda (1 - tau)),
     |delta theta_A|^2 / |theta_A|^2 = 2 eta lambda (1 - tau) / (1 + beta)
 
-(the paper's sqrt(2 eta lambda / (1 + beta)) at tau = 0; that is the whole step, whose tangential part is
-the angular update up to O(eta lambda)); all of it needs dampening tau < 1 (at tau = 1 the gradient never enters the
-buffer and there is no equilibrium). The effective learning rate of a scale-invariant group is eta / S.
+(the paper's sqrt(2 eta lambda / (1 + beta)) at tau = 0; that is the whole step, whose tangential part, the
+angle, agrees with it to leading order in eta lambda); all of it needs dampening tau < 1 (at tau = 1 the gradient
+never enters the buffer and there is no equilibrium). The effective learning rate of a scale-invariant group is eta / S.
 All functions take tensors, floats or numpy arrays and broadcast (float64 tensors out).
 """
 
@@ -34,6 +37,7 @@ __all__ = [
     "scale_equilibrium",
     "scale_equilibrium_from_grad",
     "scale_equilibrium_momentum",
+    "scale_fixed_point",
 ]
 
 Num = Tensor | float | np.ndarray
@@ -88,14 +92,24 @@ def norm_relaxation_rate(lr: Num, weight_decay: Num, momentum: Num = 0.0, dampen
     return torch.where(beta == 0, 2 * wd - lr * wd * wd, 2 * wd * (1 - tau) / (1 - beta))
 
 
-def angular_update(lr: Num, weight_decay: Num, momentum: Num = 0.0, dampening: Num = 0.0) -> Tensor:
-    """Per-step rotation of a scale-invariant group at equilibrium.
+def scale_fixed_point(charge: Num, charge_eq: Num) -> Tensor:
+    """sqrt(S S_eq): the SGD equilibrium of a scale group given S_eq from its gradient at the current S.
 
-    beta = 0: sin(angle) = sqrt(2 eta lambda - eta^2 lambda^2) (exact);
-    beta > 0: |delta theta_A| / |theta_A| = sqrt(2 eta lambda (1 - tau) / (1 + beta)) (whole step, exact in the mean).
+    |g_A|^2 scales as 1 / S at a fixed direction (scale invariance), so S_eq(g) = c / S and the fixed point of
+    S = c / S is sqrt(c) = sqrt(S S_eq(g)); equal to S_eq(g) at equilibrium.
+    """
+    return torch.sqrt(_f64(charge).abs() * _f64(charge_eq).abs())
+
+
+def angular_update(lr: Num, weight_decay: Num, momentum: Num = 0.0, dampening: Num = 0.0) -> Tensor:
+    """The angle (radians) between theta_k and theta_{k+1} of a scale-invariant group at equilibrium.
+
+    beta = 0: arcsin sqrt(2 eta lambda - eta^2 lambda^2) = arccos(1 - eta lambda) (exact);
+    beta > 0: sqrt(2 eta lambda (1 - tau) / (1 + beta)) (leading order in eta lambda; exact in the mean for the
+    whole step |delta theta_A| / |theta_A|).
     """
     lr, wd, beta, tau = (_f64(x) for x in (lr, weight_decay, momentum, dampening))
-    sgd = torch.sqrt(2 * lr * wd - lr * lr * wd * wd)
+    sgd = torch.asin(torch.sqrt((2 * lr * wd - lr * lr * wd * wd).clamp(0.0, 1.0)))
     mom = torch.sqrt(2 * lr * wd * (1 - tau) / (1 + beta))
     return torch.where(beta == 0, sgd, mom)
 

@@ -114,7 +114,10 @@ class QuadraticRecurrence(_MomentumRecurrence):
     and for plain SGD before any buffer exists; Nesterov and momentum-0 steps after momentum steps need the measured
     V), B_k = <D theta_k, g_k> (None = symmetry only).
     State: `charge` = C_k; `overlap` = P_k = <D theta_k, b_{k-1}>; `started`: the group's momentum buffers exist.
+    After a step, `last_du` holds that step's <D theta_k, u_k> (the angle of the step needs it: `theory/identity.py`).
     """
+
+    last_du: Tensor | None = None
 
     def step(self, hp: Hyper, U: Tensor, V: Tensor | None = None, B: Tensor | None = None) -> Tensor:
         """Advance k -> k+1 and return the predicted C_{k+1} (tensor [G])."""
@@ -126,6 +129,7 @@ class QuadraticRecurrence(_MomentumRecurrence):
         X = lam * C + _signed(r, B, C)  # <D theta_k, d_k>
         buffered, Q, du = self._buffer_rule(r, X)  # Q = <D theta_k, b_k>, du = <D theta_k, u_k>
         new = C - 2 * eta * du + eta * eta * U
+        self.last_du = du
         # buffered: P_{k+1} = Q_k - eta V_k; momentum 0 with an old buffer: P_{k+1} = P_k - eta <D u_k, b_old>
         moved = torch.where(self.started, self.overlap - eta * V, self.overlap)
         self.overlap = torch.where(buffered, Q - eta * V, moved)

@@ -20,8 +20,8 @@ C_k and P_k of the breaking recurrence equal the measured ones to rounding, and 
 lambda, so U and V are the measured ones to rounding. Heavy ball needs none of this: U = V = velocity_sq =
 <b_k, D b_k> is one product of torch's own updated buffer after the step.
 
-Also here: the angular update of a scale group, |theta_{k+1} - theta_k| / |theta_k| = eta_k sqrt(U_k / C_k)
-(D = +1 on a scale group, so U_k = |u_A|^2 and C_k = |theta_A|^2).
+(The angle of a step, the measured `angular_update`, is `theory/identity.rotation_angle` with a = 1 and
+X = <D theta_k, u_k> of the recurrence.)
 """
 
 from __future__ import annotations
@@ -33,10 +33,7 @@ from torch import Tensor
 
 from neural_mechanics.theory.hyper import Hyper
 
-__all__ = ["TINY", "UpdateProducts", "step_angle", "update_products"]
-
-TINY = 1e-30
-"""Floor of a charge in a denominator (a dead group's |theta_A|^2 may be exactly 0)."""
+__all__ = ["UpdateProducts", "update_products"]
 
 
 class UpdateProducts(NamedTuple):
@@ -77,7 +74,3 @@ def update_products(hp: Hyper, *, B: Tensor, gg: Tensor, gb: Tensor | None, char
     V = torch.where(buffered, torch.where(nest, db + beta * bb, bb), torch.where(started, e, dd))
     return UpdateProducts(U, V, gg, torch.where(buffered, bb, dd), torch.where(buffered, bb, vel))
 
-
-def step_angle(lr: Tensor, update_sq: Tensor, charge: Tensor) -> Tensor:
-    """|theta_{k+1} - theta_k| / |theta_k| = eta sqrt(<u, u>_A / |C|) (C floored at TINY), elementwise."""
-    return lr * torch.sqrt(update_sq / charge.abs().clamp_min(TINY))

@@ -22,8 +22,21 @@ import pandas as pd
 
 from neural_mechanics.theory.applicability import PREDICTION_KINDS
 
-__all__ = ["LAYER_AGGREGATES", "PREDICTION_COLUMNS", "RELATIVE_ERROR_FLOOR", "error_column", "error_denominator",
-           "layer_rows", "prediction_column", "relative_error", "relative_errors"]
+__all__ = [
+    "EQUILIBRIUM_COLUMNS",
+    "LAYER_AGGREGATES",
+    "PREDICTION_COLUMNS",
+    "REGIME_MIN_UPDATE_RATIO",
+    "RELATIVE_ERROR_FLOOR",
+    "angular_update_ratio",
+    "equilibrium_regime",
+    "error_column",
+    "error_denominator",
+    "layer_rows",
+    "prediction_column",
+    "relative_error",
+    "relative_errors",
+]
 
 RELATIVE_ERROR_FLOOR = 1e-6
 """Relative errors divide by max(norm_k, RELATIVE_ERROR_FLOOR * max_{j <= k} norm_j) (j over the group's logged steps).
@@ -51,10 +64,17 @@ def error_column(prediction: str) -> str:
     return "err_" + prediction.removeprefix("predicted_")
 
 
+EQUILIBRIUM_COLUMNS = ("predicted_equilibrium", "angular_update_eq", "relaxation_time", "update_ratio")
+"""Columns of the groups frame on the weight-decay equilibrium of scale groups (`tracking/rows.py` says what each
+holds; NaN where the theory has no prediction, with the reason in the manifest's "equilibrium")."""
+
 LAYER_AGGREGATES = ("step", "layer", "kind", "n_groups", "n_valid", "mean_charge",
                     *(f"{error_column(c)}_{stat}" for c in PREDICTION_COLUMNS for stat in ("max", "median")),
-                    "grad_norm", "angular_update_median", "effective_lr_median", "lr")
-"""Columns of the layers frame (one row per logged step, layer and kind), in order."""
+                    "grad_norm", "angular_update_median", "effective_lr_median", "lr",
+                    "angular_update_eq_median", "equilibrium_ratio_median", "update_ratio_median", "relaxation_time")
+"""Columns of the layers frame (one row per logged step, layer and kind), in order. The last four are over the
+layer's scale groups: medians of angular_update_eq, of measured / predicted_equilibrium and of update_ratio, and
+the median relaxation_time."""
 
 
 def error_denominator(norm: np.ndarray, norm_max: np.ndarray, floor: float = RELATIVE_ERROR_FLOOR) -> np.ndarray:
@@ -134,4 +154,68 @@ def layer_rows(df: pd.DataFrame) -> dict[str, list[Any]]:
             out["effective_lr_median"].append(float(np.nanmedian(g["eff_lr"].to_numpy())) if kind == "scale"
                                               else math.nan)
             out["lr"].append(float(np.nanmedian(g["lr"].to_numpy())))
+            scale = kind == "scale"
+            for name, values in (("angular_update_eq_median", g["angular_update_eq"]),
+                                 ("equilibrium_ratio_median", g["measured"] / g["predicted_equilibrium"]),
+                                 ("update_ratio_median", g["update_ratio"]),
+                                 ("relaxation_time", g["relaxation_time"])):
+                out[name].append(float(np.nanmedian(values.to_numpy(dtype=np.float64))) if scale else math.nan)
+    return out
+
+
+def angular_update_ratio(frame: pd.DataFrame, last: float = 0.3) -> pd.DataFrame:
+    """Per scale group, measured against predicted equilibrium angle over the last `last` fraction of logged steps.
+
+    ratio = sqrt(mean angular_update^2) / sqrt(mean angular_update_eq^2) over the group's rows with step >= the
+    cut (first logged step + (1 - last) * span); the prediction is for the mean-square angle (`theory/rotational.py`).
+    Returns group, layer, measured, predicted, ratio (groups without a prediction are left out); the run's figure
+    of merit is the median of `ratio` over groups.
+    """
+    df = frame[(frame["kind"] == "scale") & frame["angular_update_eq"].notna() & frame["angular_update"].notna()]
+    if df.empty:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in (("group", object), ("layer", object),
+                            ("measured", float), ("predicted", float), ("ratio", float))})
+    lo, hi = int(frame["step"].min()), int(frame["step"].max())
+    df = df[df["step"] >= lo + (1 - last) * (hi - lo)]
+    rms = df.assign(m2=df["angular_update"] ** 2, p2=df["angular_update_eq"] ** 2).groupby(
+        ["group", "layer"], sort=False)[["m2", "p2"]].mean()
+    out = pd.DataFrame({"measured": np.sqrt(rms["m2"]), "predicted": np.sqrt(rms["p2"])}).reset_index()
+    out["ratio"] = out["measured"] / out["predicted"]
+    return out
+
+
+REGIME_MIN_UPDATE_RATIO = 0.1
+"""A layer whose scale groups have median `update_ratio` (|u|^2_A over its noise-dominated value) below this over
+the last 30 % of steps is outside the regime of the rotational-equilibrium theory (docs/theory.md section 6.3):
+its updates have shrunk toward the optimizer's eps (a fitted layer) and the closed-form predictions do not hold.
+Measured on digits-vgg-bn with AdamW (lr 1e-2, wd 0.1, 3000 steps): 30 % randomised labels give a median
+update_ratio of 0.72 and angle ratio 0.97; clean labels 0.002 and 0.45 (benchmarks/equilibrium_laws.py). The
+threshold sits between them, a decade below the noisy run."""
+
+
+def equilibrium_regime(frame: pd.DataFrame, last: float = 0.3) -> pd.DataFrame:
+    """Per layer, whether its scale groups are in the regime of the equilibrium theory, over the last `last` steps.
+
+    Columns: layer, n_groups (scale groups with an equilibrium prediction), update_ratio (median over the groups of
+    each group's median update_ratio over the window), angle_ratio (median over the groups of
+    `angular_update_ratio`), in_regime (update_ratio >= REGIME_MIN_UPDATE_RATIO; None where the optimizer has no
+    update_ratio, e.g. SGD, whose equilibrium needs no such regime). Layers without predictions are left out.
+    """
+    cols = ("layer", "n_groups", "update_ratio", "angle_ratio", "in_regime")
+    need = {"kind", "step", "layer", "group", "angular_update_eq", "update_ratio"}
+    if not need <= set(frame.columns):
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
+    df = frame[(frame["kind"] == "scale") & frame["angular_update_eq"].notna()]
+    if df.empty:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
+    lo, hi = int(frame["step"].min()), int(frame["step"].max())
+    df = df[df["step"] >= lo + (1 - last) * (hi - lo)]
+    per_group = df.groupby(["layer", "group"], sort=False)["update_ratio"].median()
+    upd = per_group.groupby(level="layer", sort=False).median()
+    n = per_group.groupby(level="layer", sort=False).size()
+    ang = angular_update_ratio(frame, last).groupby("layer", sort=False)["ratio"].median()
+    out = pd.DataFrame({"layer": upd.index, "n_groups": n.to_numpy(), "update_ratio": upd.to_numpy()})
+    out["angle_ratio"] = out["layer"].map(ang).astype(float)
+    out["in_regime"] = pd.Series([None if not np.isfinite(u) else bool(u >= REGIME_MIN_UPDATE_RATIO)
+                                  for u in out["update_ratio"]], dtype=object)  # Python True / False / None
     return out

@@ -108,10 +108,20 @@ class HyperReader:
 
     @staticmethod
     def key(values: Values) -> tuple[Any, ...] | None:
-        """A hashable cache key of the values, None when some value is a tensor."""
-        if any(isinstance(v, Tensor) for row in values for v in row):
+        """A hashable cache key of the values, None when some value is a tensor (tuples such as Adam's betas and
+        strings such as Muon's adjust_lr_fn are kept as they are)."""
+
+        def hashable(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                raise TypeError
+            if isinstance(v, (tuple, list)):
+                return tuple(hashable(x) for x in v)
+            return v if v is None or isinstance(v, str) else float(v)
+
+        try:
+            return tuple(tuple(hashable(v) for v in row) for row in values)
+        except TypeError:
             return None
-        return tuple(tuple(float(v) for v in row) for row in values)
 
     def __call__(self, values: Values) -> list[Hyper]:
         key = self.key(values)

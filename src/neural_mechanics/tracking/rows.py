@@ -15,7 +15,11 @@ The columns of a row logged at step s (the groups table, `store.GROUP_COLUMNS`):
     norm            the relative error's denominator: |C| (scale), |theta_A1|^2 + |theta_A2|^2 (rescale),
                     sum |theta| (translation)
     grad_norm       |g_A|
-    angular_update  |theta_{s+1} - theta_s| / |theta_s| (scale groups)
+    angular_update  the angle between theta_s and theta_{s+1} in radians (scale groups; `theory/identity.py`)
+    predicted_equilibrium  the equilibrium |theta_A|^2 the theory predicts (scale groups; NaN where none exists)
+    angular_update_eq      the equilibrium angle per step (scale groups)
+    relaxation_time        steps for the norm to relax by e under the weight decay (~ 1 / (eta lambda))
+    update_ratio           adaptive optimizers: |u_s|^2_A over its noise-dominated value (the regime check)
     valid           the group is inside the theory (its predictions apply)
 
 `RowEmitter` turns the rows of a log step into host frames: one device-to-host transfer for all families (the
@@ -35,7 +39,7 @@ import torch
 from torch import Tensor
 
 from neural_mechanics.tracking.families import ChargeFamily
-from neural_mechanics.tracking.metrics import PREDICTION_COLUMNS, layer_rows
+from neural_mechanics.tracking.metrics import EQUILIBRIUM_COLUMNS, PREDICTION_COLUMNS, layer_rows
 
 __all__ = ["Row", "RowEmitter", "base_row"]
 
@@ -52,7 +56,7 @@ def base_row(family: ChargeFamily, charge: Tensor, norm_sq: Tensor, grad_sq: Ten
     row: Row = {"measured": charge, **dict.fromkeys(PREDICTION_COLUMNS, nan), "breaking": nan,
                 "breaking_term": nan, "lr": nan if lr is None else lr.to(torch.float64).expand(family.n),
                 "norm": family.norm(charge, norm_sq), "grad_norm": nan if grad_sq is None else torch.sqrt(grad_sq),
-                "angular_update": nan, "valid": valid.to(torch.float64)}
+                "angular_update": nan, **dict.fromkeys(EQUILIBRIUM_COLUMNS, nan), "valid": valid.to(torch.float64)}
     return row
 
 

@@ -42,7 +42,7 @@ import torch
 
 from neural_mechanics.errors import RunStoreError
 from neural_mechanics.symmetry.groups import SymmetrySet
-from neural_mechanics.tracking.metrics import LAYER_AGGREGATES, PREDICTION_COLUMNS
+from neural_mechanics.tracking.metrics import EQUILIBRIUM_COLUMNS, LAYER_AGGREGATES, PREDICTION_COLUMNS
 
 SCHEMA_VERSION = 1
 TABLES = ("groups", "layers", "metrics")
@@ -53,7 +53,7 @@ GROUP_COLUMNS: dict[str, pa.DataType] = {
     "step": pa.int64(), "group": pa.string(), "kind": pa.string(), "layer": pa.string(),
     "measured": pa.float64(), **dict.fromkeys(PREDICTION_COLUMNS, pa.float64()), "breaking": pa.float64(),
     "breaking_term": pa.float64(), "lr": pa.float64(), "norm": pa.float64(), "grad_norm": pa.float64(),
-    "angular_update": pa.float64(), "valid": pa.bool_(),
+    "angular_update": pa.float64(), **dict.fromkeys(EQUILIBRIUM_COLUMNS, pa.float64()), "valid": pa.bool_(),
 }
 _LAYER_TYPES = {"step": pa.int64(), "layer": pa.string(), "kind": pa.string(), "n_groups": pa.int64(),
                 "n_valid": pa.int64()}

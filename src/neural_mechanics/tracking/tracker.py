@@ -146,7 +146,7 @@ class Tracker:
         self.rank = rank
         self.sink = self._make_sink(run_dir, rank, sink)
         self.emitter = RowEmitter(self.families)
-        facts: dict[str, Any] = {"applicability": self.applies.snapshot()}
+        facts: dict[str, Any] = {"applicability": self.applies.snapshot(), **self.strategy.facts()}
         if self.not_applicable:
             facts["not_applicable"] = self.not_applicable
         self.sink.start(RunInfo(config=config, hyperparameters=self._hyper_summary(), symmetries=self.symmetries,

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from neural_mechanics.errors import ConfigError, DatasetError, NMechError
+from neural_mechanics.experiments.datasets.label_noise import NoisyLabels
 from neural_mechanics.experiments.schema import changed_fields
 
 Split = Literal["train", "val", "test"]
@@ -37,8 +39,9 @@ InputDtype = Literal["float32", "float64", "long"]
 #: What a synthetic example's target is: its class, a class per spatial position, the next token, real values.
 TargetKind = Literal["class", "pixel", "next_token", "regression"]
 
-#: Keys of the dataset section that every dataset honours (the loader reads them, not the builder).
-COMMON_KEYS: tuple[str, ...] = ("name", "eval_split", "num_workers")
+#: Keys of the dataset section that every dataset honours (the loader reads them, not the builder; `label_noise` is
+#: applied by `load_dataset` to the train split of any dataset).
+COMMON_KEYS: tuple[str, ...] = ("name", "eval_split", "num_workers", "label_noise")
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +73,7 @@ class DatasetConfig:
     augment: bool | None = None  # None: the dataset's default (crop + flip on the train split of image datasets)
     eval_split: Literal["val", "test"] = "test"
     num_workers: int = 0
+    label_noise: float = 0.0  # fraction of training labels replaced by uniform random ones, fixed by the seed
     test_fraction: float = 0.2  # the held-out share where a dataset has no held-out split of its own
     # synthetic
     input_shape: tuple[int, ...] | None = None  # None: (3, 32, 32)
@@ -221,6 +225,9 @@ def validate_dataset_config(cfg: DatasetConfig) -> None:
     """The value checks of the dataset section: the loader's own, then the dataset spec's."""
     if cfg.num_workers < 0:
         raise ConfigError("dataset.num_workers: must be >= 0", "use 0 to load in the main process")
+    if not 0 <= cfg.label_noise < 1:
+        raise ConfigError(f"dataset.label_noise: must be in [0, 1), got {cfg.label_noise}",
+                          "give the fraction of training labels to randomise, e.g. 0.3 (0 = clean labels)")
     positive = {"num_classes": cfg.num_classes, "num_samples": cfg.num_samples, "vocab_size": cfg.vocab_size,
                 "seq_len": cfg.seq_len, "channels": cfg.channels}
     for key, value in positive.items():
@@ -247,6 +254,7 @@ def load_dataset(
     split: Split = "train",
     augment: bool | None = None,
     seed: int = 0,
+    label_noise: float = 0.0,
     **knobs: Any,
 ) -> DatasetInfo:
     """Load split `split` of dataset `name` (a registered name such as "digits", "tinyimagenet", "cifar10",
@@ -258,6 +266,8 @@ def load_dataset(
     for datasets that have only one (CIFAR's test batch, digits' test part, Tiny ImageNet's labelled val).
     knobs: the other fields of `DataOptions` (verify_checksums, test_fraction, num_samples, input_shape, dtype,
     num_classes, targets, vocab_size, image_size, channels, mean, std, path, seq_len); DatasetError for others.
+    label_noise: the fraction of the train split's labels replaced by uniform random ones, drawn once from `seed`
+    (`datasets/label_noise.py`; other splits are never changed).
     """
     spec = get_dataset(name)
     if split not in SPLITS:
@@ -276,7 +286,20 @@ def load_dataset(
         seed=seed,
         **{k: v for k, v in knobs.items() if v is not None},  # None: the builder's default
     )
-    return spec.build(split, options)
+    info = spec.build(split, options)
+    if label_noise and split == "train":
+        if info.num_classes is None or not _is_class_label(info.dataset[0][1]):
+            raise DatasetError(f"dataset.label_noise: {info.name}'s targets are not class labels",
+                               "label_noise randomises class labels only: set it to 0 for this dataset")
+        info = dataclasses.replace(info, dataset=NoisyLabels(info.dataset, label_noise, info.num_classes, seed))
+    return info
+
+
+def _is_class_label(y: Any) -> bool:
+    """An int, or an integer tensor with one element (what NoisyLabels replaces)."""
+    if isinstance(y, Tensor):
+        return y.numel() == 1 and not y.is_floating_point()
+    return isinstance(y, int)
 
 
 def dataset_from_config(cfg: DatasetConfig, split: Split, *, seed: int) -> DatasetInfo:
@@ -286,4 +309,4 @@ def dataset_from_config(cfg: DatasetConfig, split: Split, *, seed: int) -> Datas
     shared = {f.name for f in dataclasses.fields(DataOptions)} & {f.name for f in dataclasses.fields(DatasetConfig)}
     knobs = {k: getattr(cfg, k) for k in shared - {"root", "augment"}}
     return load_dataset(cfg.name, cfg.root, split=split, augment=cfg.augment if split == "train" else None,
-                        seed=seed, **knobs)
+                        seed=seed, label_noise=cfg.label_noise, **knobs)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.fx import Node
 
 from neural_mechanics.symmetry.analysis import (
@@ -25,6 +26,7 @@ from neural_mechanics.symmetry.analysis import (
     module_of,
     ndim_of,
     opname,
+    oriented_classes,
     shape_of,
 )
 from neural_mechanics.symmetry.graph import (
@@ -59,29 +61,36 @@ class ContractionSite:
 
 @dataclass
 class QKPair:
-    """A query channel class and a key channel class met only at one contraction coordinate.
+    """Query channel classes and key channel classes that meet only each other, at attention contractions.
 
-    Scaling the query writers by alpha and the key writers by 1/alpha (alpha > 0) scales q_{.,c} by alpha
-    and k_{.,c} by 1/alpha, which leaves every score sum_c q_{i,c} k_{j,c} (and so the loss) unchanged.
+    Scaling every query class by alpha and every key class by 1/alpha (alpha > 0) scales each term
+    q_{i,c} k_{j,c} of a score it enters by alpha / alpha = 1, which leaves every score (and so the loss)
+    unchanged. One query class and one key class at one coordinate is the plain per-coordinate pair; a
+    rotary embedding joins coordinates c and c + d/2 of one head into one class (`coords` has both); a key
+    head shared by several query heads (grouped-query attention) pairs one key class with the query
+    classes of all those heads.
     """
 
     query: list[Contribution]
     key: list[Contribution]
-    coord: int
+    coords: tuple[int, ...]
     text: str
 
 
-def _contraction_site(a: Analysis, node: Node, x: Any, y: Any, y_transposed: bool) -> ContractionSite | None:
+def _contraction_site(a: Analysis, node: Node, x: Any, y: Any, y_transposed: bool,
+                      y_labels: Tensor | None = None) -> ContractionSite | None:
     """The site of sum_c x[..., i, c] y[..., j, c] (y[..., c, j] when `y_transposed`), or None if unpaired.
 
-    Paired means: both factors are live and, at every batch/head position, query channel c carries one live
-    slot over all query tokens i and key channel c one live slot over all key tokens j; then scaling that
-    query slot by alpha and that key slot by 1/alpha leaves every term q_{i,c} k_{j,c} unchanged.
+    Paired means: both factors are live and every entry of both moves (a channel that does not move on one
+    side cannot compensate the other). The site records every distinct (c, slot of q[..., i, c], slot of
+    k[..., j, c]) over all batch/head positions and all tokens i, j: the terms q_{i,c} k_{j,c} of the scores.
+    Usually a channel carries one slot over all tokens; it need not (transformers folds the query heads into
+    the token axis for one-token grouped-query attention).
     """
     sx, sy = shape_of(x), shape_of(y)
     if len(sx) < 2 or len(sy) < 2:
         return None
-    lx, ly = a.lab(x, len(sx)), a.lab(y, len(sy))
+    lx, ly = a.lab(x, len(sx)), a.lab(y, len(sy)) if y_labels is None else y_labels
     if not (live(lx) and live(ly)):
         return None
     if y_transposed:
@@ -95,16 +104,13 @@ def _contraction_site(a: Analysis, node: Node, x: Any, y: Any, y_transposed: boo
         return None
     lx = lx.expand(*batch, lx.shape[-2], n)
     ly = ly.expand(*batch, ly.shape[-2], n)
-    qx, ky = lx.narrow(-2, 0, 1), ly.narrow(-2, 0, 1)
-    if not (bool((lx == qx).all()) and bool((ly == ky).all())):
-        return None  # a channel carries different slots over the tokens (a coarser joint action: not tried)
-    qx, ky = qx.squeeze(-2), ky.squeeze(-2)
-    if not (bool((qx > 0).all()) and bool((ky > 0).all())):
+    if not (bool((lx > 0).all()) and bool((ly > 0).all())):
         return None  # a channel that does not move on one side cannot compensate the other
-    coord = torch.arange(n).expand(qx.shape)
-    pairs = torch.unique(torch.stack([coord.reshape(-1), qx.reshape(-1), ky.reshape(-1)], 1), dim=0)
-    return ContractionSite(node, [(int(c), int(q), int(k)) for c, q, k in pairs.tolist()],
-                           slots_in(qx) + slots_in(ky), f"{opname(node)} ({node.name})", opname(node))
+    q, k = torch.broadcast_tensors(lx.unsqueeze(-2), ly.unsqueeze(-3))  # (..., I, J, n): the terms q_ic k_jc
+    coord = torch.arange(n).expand(q.shape)
+    pairs = torch.unique(torch.stack([coord.reshape(-1), q.reshape(-1), k.reshape(-1)], 1), dim=0)
+    return ContractionSite(node, [(int(c), int(qs), int(ks)) for c, qs, ks in pairs.tolist()],
+                           slots_in(lx) + slots_in(ly), f"{opname(node)} ({node.name})", opname(node))
 
 
 def factors(node: Node) -> tuple[Any, Any]:
@@ -130,13 +136,13 @@ def h_matmul(a: Analysis, node: Node) -> Labels:
     if ndim_of(x) < 2 or ndim_of(y) < 2:
         return a.barrier(node)
     lx, ly = a.lab(x, ndim_of(x)), a.lab(y, ndim_of(y))
-    if live(lx) and live(ly):
+    if a.moving(lx) and a.moving(ly):
         site = _contraction_site(a, node, x, y, y_transposed=True)
         if site is None:
             return a.barrier(node)
         a.contraction_sites.append(site)
         return invariant_label(nd)
-    if live(ly):  # attention @ values: channel d of V stays channel d
+    if a.moving(ly):  # attention @ values: channel d of V stays channel d
         out = fit(collapse(a.uf, ly, [ly.ndim - 2]), nd)
         text = f"{opname(node)} ({node.name}): fixed weights @ values keeps value channel d as output channel d"
         for slot in slots_in(out):
@@ -162,8 +168,8 @@ def h_sdpa(a: Analysis, node: Node) -> Labels:
     q, k, v = args["query"], args["key"], args["value"]
     rest = [x for name, x in args.items() if name not in ("query", "key", "value")]
     blocked = a.taint_args(flat_list(rest))  # masks and the like: the scores must not move
-    gqa = bool(args.get("enable_gqa", False))
-    site = None if gqa else _contraction_site(a, node, q, k, y_transposed=False)
+    lk, lv = _gqa_heads(a, node, q, k), _gqa_heads(a, node, q, v)
+    site = None if lk is None else _contraction_site(a, node, q, k, y_transposed=False, y_labels=lk)
     if site is not None:
         site.blocked_as = None if blocked else f"{opname(node)} (queries, keys)"
         a.contraction_sites.append(site)
@@ -171,7 +177,9 @@ def h_sdpa(a: Analysis, node: Node) -> Labels:
         blocked = True
     if blocked:
         a.note_blocked(node, f"{opname(node)} (queries, keys)")
-    lv = a.lab(v, ndim_of(v))
+    if lv is None:  # heads that do not divide: the values cannot be followed
+        a.taint_args((v,))
+        return invariant_label(ndim_of(node))
     if not live(lv):
         return invariant_label(ndim_of(node))
     out = fit(collapse(a.uf, lv, [lv.ndim - 2]), ndim_of(node))
@@ -181,70 +189,110 @@ def h_sdpa(a: Analysis, node: Node) -> Labels:
     return out
 
 
+def _gqa_heads(a: Analysis, node: Node, q: Any, kv: Any) -> Tensor | None:
+    """The labels of a key or value input as the query heads see them (None if they cannot be matched).
+
+    With `enable_gqa=True`, key/value head j serves query heads j * r .. (j + 1) * r - 1 (r = query heads / key
+    heads, torch's repeat_interleave): the labels are repeated the same way along the head dim (-3).
+    """
+    lab = a.lab(kv, ndim_of(kv))
+    if not bool(op_args(node).get("enable_gqa", False)):
+        return lab
+    sq, sk = shape_of(q), shape_of(kv)
+    if len(sq) < 3 or len(sk) < 3 or sq[-3] % sk[-3]:
+        return None
+    rep = sq[-3] // sk[-3]
+    if rep == 1 or lab.shape[-3] == 1:
+        return lab
+    return lab.repeat_interleave(rep, dim=-3)
+
+
 Use = tuple[int, int, int, int]
 """(site number, contraction coordinate c, query class root, key class root)."""
 
 
-def _contraction_ok(use: Use, contribs: dict[int, list[Contribution]], uses: dict[int, set[Use]],
-                    tied: set[int]) -> bool:
-    """Whether the query class and the key class of `use` form a QKPair.
+def _class_ok(r: int, contribs: dict[int, list[Contribution]], normalised: set[int]) -> bool:
+    """A query or key class that can move alone: written only by slices of one layer's parameters, neither read
+    nor normalised anywhere. (Additions and concatenations on the way are fine: what they mix is in the class,
+    or taints it; a rotary embedding's `q cos + rotate_half(q) sin` joins coordinates c and c + d/2.)"""
+    cs = contribs.get(r, [])
+    return (bool(cs) and r not in normalised and all(x.role == "in" for x in cs)
+            and len({module_of(x.param) for x in cs}) == 1)
 
-    Each class must be live, distinct from the other, met at exactly this contraction coordinate and on
-    this side only (no other site, no other coordinate: rotary embeddings or a q used twice fail here),
-    written only by slices of one layer's parameters, and neither read, normalised nor tied by an addition
-    or concatenation to anything (`tied`). Cosine attention never gets here: its normalised q and k do not
-    move at the contraction.
-    """
-    _, _, rq, rk = use
-    if rq == rk or INVARIANT in (rq, rk) or uses[rq] != {use} or uses[rk] != {use}:
-        return False
-    for r in (rq, rk):
-        cs = contribs.get(r)
-        if not cs or r in tied or any(x.role != "in" for x in cs) or len({module_of(x.param) for x in cs}) != 1:
-            return False
-    return True
+
+def _components(uses: set[Use]) -> list[set[Use]]:
+    """The uses grouped into connected components of the bipartite graph query class -- key class."""
+    parent: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def find(x: tuple[str, int]) -> tuple[str, int]:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for _, _, rq, rk in uses:
+        parent[find(("q", rq))] = find(("k", rk))
+    comps: dict[tuple[str, int], set[Use]] = {}
+    for use in uses:
+        comps.setdefault(find(("q", use[2])), set()).add(use)
+    return list(comps.values())
 
 
 def resolve_contractions(a: Analysis) -> None:
     """Turn the recorded contraction sites into `QKPair`s, then taint every query and key slot.
 
-    Runs once every op has been labelled, when the classes are final: `uses` maps every class root to
-    the uses it has (as a query or as a key), so a class used twice, or as a query at one site and as a
-    key at another, is seen. Sites with a pair that does not qualify count as blocked.
+    Runs once every op has been labelled, when the classes are final. Every (coordinate, query class, key
+    class) met at a contraction is an edge of a bipartite graph between query classes and key classes; each
+    connected component is one candidate pair: scaling all its query classes by alpha and all its key
+    classes by 1/alpha changes no term of any score, because every term with a query class of the component
+    has its key class in the component and vice versa. It is a `QKPair` when no class of it is used on both
+    sides (a Gram matrix x x^T), every class moves alone (`_class_ok`), and no slot of it is joined to its
+    class inversely (a tied parameter). Sites with a component that does not qualify count as blocked.
+    What the class meets elsewhere is in the union-find already: a reader or a normaliser shows in its
+    contributions, an addition or a reduction unites what it mixes, anything else taints it.
     """
     if not a.contraction_sites:
         return
     uf = a.uf
-    uses: dict[int, set[Use]] = {}
-    site_uses: list[set[Use]] = []
+    everything: set[Use] = set()
+    mixed: set[int] = set()
     for i, site in enumerate(a.contraction_sites):
-        found: set[Use] = set()
         for c, sq, sk in site.pairs:
-            use = (i, c, uf.find(sq), uf.find(sk))
-            found.add(use)
-            uses.setdefault(use[2], set()).add(use)
-            uses.setdefault(use[3], set()).add(use)
-        site_uses.append(found)
-    roots = set(uses) - {INVARIANT}
-    contribs: dict[int, list[Contribution]] = {}
-    for x in a.contributions:
-        r = uf.find(x.slot)
-        if r in roots:
-            contribs.setdefault(r, []).append(x)
-    tied = {r for r in (uf.find(s) for s in a.normalised) if r in roots}
-    tied |= {r for r in (uf.find(s) for s, _ in a.couplings) if r in roots}
-    for site, found in zip(a.contraction_sites, site_uses, strict=True):
-        ok_all = True
-        for use in sorted(found, key=lambda u: (u[2], u[3], u[1])):
-            _, c, rq, rk = use
-            if not _contraction_ok(use, contribs, uses, tied):
-                ok_all = False
-                continue
-            a.qk_pairs.append(QKPair(contribs[rq], contribs[rk], c, (
-                f"{site.what}: score = sum_c q_c k_c: query channel c = {c} (x alpha) x key channel c = {c} "
-                "(x 1/alpha) leaves every score unchanged; both reach it only through index maps and "
-                "positively homogeneous ops")))
-        if not ok_all and site.blocked_as is not None:
+            (rq, pq), (rk, pk) = uf.find_parity(sq), uf.find_parity(sk)
+            everything.add((i, c, rq, rk))
+            mixed |= {r for r, p in ((rq, pq), (rk, pk)) if p}
+    queries = {u[2] for u in everything}
+    keys = {u[3] for u in everything}
+    roots = (queries | keys) - {INVARIANT}
+    contribs = oriented_classes(a, roots)
+    mixed |= {r for r in roots if any(uf.find_parity(x.slot)[1] for x in contribs.get(r, ()))}
+    normalised = {r for r in (uf.find(s) for s in a.normalised) if r in roots}
+    failed_sites: set[int] = set()
+    for comp in sorted(_components(everything), key=lambda uses: min(uses)):
+        qs = sorted({u[2] for u in comp})
+        ks = sorted({u[3] for u in comp})
+        ok = (INVARIANT not in qs and INVARIANT not in ks and not (set(qs) & keys) and not (set(ks) & queries)
+              and not (set(qs) | set(ks)) & mixed and all(_class_ok(r, contribs, normalised) for r in (*qs, *ks)))
+        if not ok:
+            failed_sites |= {u[0] for u in comp}
+            continue
+        coords = tuple(sorted({u[1] for u in comp}))
+        sites = sorted({a.contraction_sites[u[0]].what for u in comp})
+        how = []
+        if len(coords) > 1:
+            how.append(f"coordinates {list(coords)} move together (joined before the contraction, e.g. by a "
+                       "rotary embedding)")
+        if len(qs) > len(ks):
+            how.append(f"{len(ks)} key class(es) shared by {len(qs)} query classes (e.g. grouped-query attention)")
+        a.qk_pairs.append(QKPair(
+            [x for r in qs for x in contribs[r]], [x for r in ks for x in contribs[r]], coords,
+            f"{', '.join(sites)}: score = sum_c q_c k_c: query channels c in {list(coords)} (x alpha) with key "
+            "channels c (x 1/alpha) leave every score unchanged; both reach it only through index maps and "
+            "positively homogeneous ops" + ("; " + "; ".join(how) if how else "")))
+    for i in sorted(failed_sites):
+        site = a.contraction_sites[i]
+        if site.blocked_as is not None:
             a.note_blocked(site.node, site.blocked_as)
     for site in a.contraction_sites:
         for s in site.slots:

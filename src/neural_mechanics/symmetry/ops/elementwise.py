@@ -28,6 +28,7 @@ from neural_mechanics.symmetry.graph import (
 from neural_mechanics.symmetry.ops.args import op_args
 from neural_mechanics.symmetry.ops.layer_scale import layer_scale_product
 from neural_mechanics.symmetry.ops.registry import Flag, Shift, ShiftRule, canonical, register
+from neural_mechanics.symmetry.ops.rms_norm import rms_normalise
 
 
 def inactive_dropout(node: Node) -> bool:
@@ -93,6 +94,8 @@ def h_add(a: Analysis, node: Node) -> Labels:
 
 
 def _product(a: Analysis, node: Node, divide: bool) -> Labels:
+    if node in a.rms_norms:  # x * rsqrt(mean(x**2) + eps): a normaliser (rms_norm.py)
+        return rms_normalise(a, a.rms_norms[node])
     nd = ndim_of(node)
     args = op_args(node)
     x, y = args["input"], args["other"]
@@ -105,9 +108,9 @@ def _product(a: Analysis, node: Node, divide: bool) -> Labels:
         if scaled is not None:
             return scaled
     lx, ly = a.lab(x, nd), a.lab(y, nd)
-    if not live(ly):
+    if not a.moving(ly):  # x * c, x / c: linear in x (SwiGLU's silu(gate) * up: up passes)
         return compress(torch.broadcast_tensors(lx, ly)[0])
-    if not divide and not live(lx):
+    if not divide and not a.moving(lx):
         return compress(torch.broadcast_tensors(ly, lx)[0])
     return a.barrier(node)
 

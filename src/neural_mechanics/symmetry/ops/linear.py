@@ -11,8 +11,10 @@ parameter cannot be scaled acts as a barrier for that role. Arguments are read b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.fx import Node
 
 from neural_mechanics.symmetry.analysis import (
@@ -25,10 +27,10 @@ from neural_mechanics.symmetry.analysis import (
     opname,
     shape_of,
 )
-from neural_mechanics.symmetry.graph import invariant_label, live, per_index, taint
+from neural_mechanics.symmetry.graph import compress, invariant_label, live, per_index, taint, union_pairs
 from neural_mechanics.symmetry.groups import _short_index
 from neural_mechanics.symmetry.ops.args import op_args
-from neural_mechanics.symmetry.ops.registry import Flag, register
+from neural_mechanics.symmetry.ops.registry import Flag, canonical, register
 
 
 def weight_bias(a: Analysis, w: Any, b: Any) -> tuple[str | None, bool, str | None, bool]:
@@ -88,6 +90,56 @@ def _weight_norm_layer(a: Analysis, node: Node, x: Any, w: Node, b: Any, n_out: 
     return lab
 
 
+def dense(a: Analysis, node: Node, x: Any, w: Any, b: Any, read_dim: int, write_dim: int) -> Labels:
+    """A dense layer out[..., c] = sum_k x[..., k] W_k,c + b[c], W stored with k along `read_dim`, c along `write_dim`.
+
+    W's slice k along read_dim reads input feature k (the last axis of x); W's slice c along write_dim and b[c]
+    write output feature c (the last axis of the output). Linear stores W as (out, in): read_dim 1, write_dim 0;
+    GPT-2's Conv1D (`addmm(b, x, W)`) and `x @ W` store it as (in, out): read_dim 0, write_dim 1.
+    """
+    wname, w_ok, bname, b_ok = weight_bias(a, w, b)
+    computed = isinstance(b, Node) and bname is None  # a bias made in forward: out = x W + b, b an activation
+    if computed:
+        b, b_ok = None, True
+    if wname is None or (b is not None and bname is None):
+        return a.barrier(node)
+    wshape = shape_of(w)
+    c_out, c_in = wshape[write_dim], wshape[read_dim]
+    layer = module_of(wname)
+    name = opname(node)
+    lx = a.lab(x, ndim_of(x))
+    if live(lx):
+        if w_ok:
+            col = "weight[:, {idx}]" if read_dim == 1 else "weight[{idx}]"
+            event = f"{layer}: {name} reads feature {{idx}} ({col})"
+            add = a.contributions.append
+            for k, s in enumerate(per_index(a.uf, lx, -1, c_in)):
+                if s > 0:
+                    add(Contribution(s, wname, read_dim, (k,), "out", event))
+        else:
+            a.note_blocked(node, f"{name} (frozen weight)")
+            taint(a.uf, lx)
+    nd = ndim_of(node)
+    if not (w_ok and b_ok):
+        return invariant_label(nd)
+    base, lab = a.fresh(c_out, nd, nd - 1)
+    add = a.contributions.append
+    wevent = f"{layer}: {name} writes feature {{idx}}"
+    for c in range(c_out):
+        add(Contribution(base + c, wname, write_dim, (c,), "in", wevent))
+        if b is not None:
+            add(Contribution(base + c, bname, 0, (c,), "in", f"{layer}: bias[{{idx}}]"))  # type: ignore[arg-type]
+    if computed:  # the computed bias is added to the output: its slots meet the written ones, as in x + y
+        bias = op_args(node).get("bias", op_args(node).get("input"))
+        lb = a.lab(bias, nd)
+        text = f"{layer}: {name} ({node.name}) adds a bias computed in forward to feature {{idx}}"
+        for s, _t in union_pairs(a.uf, lab, lb):
+            a.couplings.append((s, text))
+        lab2, lb2 = torch.broadcast_tensors(lab, lb)
+        return compress(torch.where(lab2 >= 0, lab2, lb2))
+    return lab
+
+
 @register("linear", flags={Flag.SHIFT_SOURCE})
 def h_linear(a: Analysis, node: Node) -> Labels:
     """writer and reader: y = x W^T + b; W[:, k] reads input feature k, W[c] and b[c] write output feature c."""
@@ -95,29 +147,31 @@ def h_linear(a: Analysis, node: Node) -> Labels:
     x, w, b = args["input"], args["weight"], args.get("bias")
     if w in a.weight_norms:
         return _weight_norm_layer(a, node, x, w, b, shape_of(node)[-1], ndim_of(node) - 1)
-    wname, w_ok, bname, b_ok = weight_bias(a, w, b)
-    if wname is None or (b is not None and bname is None):
+    return dense(a, node, x, w, b, read_dim=1, write_dim=0)
+
+
+@register("addmm", flags={Flag.SHIFT_SOURCE})
+def h_addmm(a: Analysis, node: Node) -> Labels:
+    """writer and reader: addmm(b, x, W) = beta b + alpha x W with W (in, out) a parameter (GPT-2's Conv1D).
+
+    W[k] reads input feature k; W[:, c] and b[c] write output feature c (beta and alpha are constants).
+    A product of two activations, or W not a parameter, is a barrier.
+    """
+    args = op_args(node)
+    x, w, b = args["mat1"], args["mat2"], args["input"]
+    if a.param_name(w) is None or ndim_of(w) != 2 or ndim_of(b) > 1 or ndim_of(x) != 2:
         return a.barrier(node)
-    c_out, c_in = shape_of(w)
-    layer = module_of(wname)
-    lx = a.lab(x, ndim_of(x))
-    if live(lx):
-        if w_ok:
-            event = f"{layer}: aten.linear reads feature {{idx}} (weight[:, {{idx}}])"
-            add = a.contributions.append
-            for k, s in enumerate(per_index(a.uf, lx, -1, c_in)):
-                if s > 0:
-                    add(Contribution(s, wname, 1, (k,), "out", event))
-        else:
-            a.note_blocked(node, f"{opname(node)} (frozen or shared weight)")
-            taint(a.uf, lx)
-    nd = ndim_of(node)
-    if not (w_ok and b_ok):
-        return invariant_label(nd)
-    base, lab = a.fresh(c_out, nd, nd - 1)
-    write_rows(a, base, c_out, wname, bname if b is not None else None, f"{layer}: aten.linear writes feature {{idx}}",
-               f"{layer}: bias[{{idx}}]")
-    return lab
+    return dense(a, node, x, w, b, read_dim=0, write_dim=1)
+
+
+@register("mm")
+def h_mm(a: Analysis, node: Node) -> Labels:
+    """writer and reader: x @ W with W (in, out) a parameter: W[k] reads feature k, W[:, c] writes feature c."""
+    args = op_args(node)
+    x, w = args["input"], args["mat2"]
+    if a.param_name(w) is None or w in a.env:
+        return a.barrier(node)
+    return dense(a, node, x, w, None, read_dim=0, write_dim=1)
 
 
 Slice = tuple[int, tuple[int, ...], tuple[int, tuple[int, ...]] | None]
@@ -133,6 +187,9 @@ def _conv(a: Analysis, node: Node, transposed: bool) -> Labels:
         cd = 1 if ndim_of(x) == ndim_of(w) else 0
         return _weight_norm_layer(a, node, x, w, b, shape_of(node)[cd], cd)
     wname, w_ok, bname, b_ok = weight_bias(a, w, b)
+    computed = isinstance(b, Node) and bname is None  # a bias made in forward: out = x W + b, b an activation
+    if computed:
+        b, b_ok = None, True
     if wname is None or (b is not None and bname is None):
         return a.barrier(node)
     wshape = shape_of(w)
@@ -179,7 +236,7 @@ def _conv(a: Analysis, node: Node, transposed: bool) -> Labels:
                     a.contributions.append(Contribution(s, wname, d, idx, "out",
                                                         f"{layer}: {name} reads channel {k} ({text})", sub))
         else:
-            a.note_blocked(node, f"{name} (frozen or shared weight)")
+            a.note_blocked(node, f"{name} (frozen weight)")
             taint(a.uf, lx)
     nd = ndim_of(node)
     if not (w_ok and b_ok):
@@ -197,14 +254,13 @@ def _conv(a: Analysis, node: Node, transposed: bool) -> Labels:
     return lab
 
 
-@register("conv1d", "conv2d", "conv3d", flags={Flag.SHIFT_SOURCE})
-@register("convolution", "_convolution")
+@register("conv1d", "conv2d", "conv3d", "convolution", "_convolution", flags={Flag.SHIFT_SOURCE})
 def h_conv(a: Analysis, node: Node) -> Labels:
     """writer and reader: W[:, k] (the block of group k if grouped) reads channel k; W[c], b[c] write channel c."""
     return _conv(a, node, transposed=bool(op_args(node).get("transposed", False)))
 
 
-@register("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+@register("conv_transpose1d", "conv_transpose2d", "conv_transpose3d", flags={Flag.SHIFT_SOURCE})
 def h_conv_transpose(a: Analysis, node: Node) -> Labels:
     """writer and reader: W[k] reads input channel k; W[:, c] (a block if grouped), b[c] write channel c."""
     return _conv(a, node, transposed=True)
@@ -227,3 +283,35 @@ def h_embedding(a: Analysis, node: Node) -> Labels:
         a.contributions.append(
             Contribution(base + d, wname, 1, (d,), "in", f"{layer}: aten.embedding writes feature {{idx}}"))
     return lab
+
+
+@dataclass(frozen=True)
+class SourceParts:
+    """A dense or convolution writer as the translation engines see it (`Flag.SHIFT_SOURCE`)."""
+
+    x: Any
+    weight: Any
+    bias: Any
+    in_dim: int
+    """The weight's input-feature dim: its slice j, plus alpha everywhere, adds alpha x_j to every output channel."""
+    class_dim: int
+    """The output's channel axis."""
+
+
+def shift_source(node: Node) -> SourceParts | None:
+    """The parts of an ungrouped Linear / addmm / Conv / transposed Conv node (None for anything else).
+
+    out[c] = b[c] + sum_j W(j, c) x_j (summed over kernel taps for a convolution): adding alpha to the whole
+    slice of W that reads input j adds the same alpha * (x_j summed over taps) to every output channel c.
+    """
+    key = canonical(node)
+    args = op_args(node)
+    if key == "aten::linear":
+        return SourceParts(args["input"], args["weight"], args.get("bias"), 1, ndim_of(node) - 1)
+    if key == "aten::addmm":
+        return SourceParts(args["mat1"], args["mat2"], args["input"], 0, ndim_of(node) - 1)
+    if key is None or "conv" not in key or int(args.get("groups", 1)) != 1:
+        return None
+    x, w = args["input"], args["weight"]
+    transposed = "transpose" in key or bool(args.get("transposed", False))
+    return SourceParts(x, w, args.get("bias"), 0 if transposed else 1, 1 if ndim_of(x) == ndim_of(w) else 0)

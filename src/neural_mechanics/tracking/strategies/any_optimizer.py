@@ -1,17 +1,18 @@
-"""Any torch.optim.Optimizer without its own strategy (Adam, AdamW, RMSprop, unknown ones): measure, do not predict.
+"""Any torch.optim.Optimizer without its own strategy (Adagrad, NAdam, a subclass with its own step, unknown ones).
 
-No prediction applies (`theory/applicability.py` says why: an adaptive preconditioner is not equivariant under
-the symmetry, so the step's <D theta_k, u_k> is not fixed by the charge), so every prediction is NaN and every
-row `valid=False`. What the strategy measures instead, at log steps only, is the optimizer's own breaking of the
-law: with the update u_k = (theta_k - theta_{k+1}) / eta_k read from the step itself,
+No prediction applies (`theory/applicability.py` says why: the update rule is unknown, or an adaptive
+preconditioner the tracker cannot read), so every prediction is NaN and every row `valid=False`. What the strategy
+measures instead, at log steps only, is the optimizer's own breaking of the law: with the update
+u_k = (theta_k - theta_{k+1}) / eta_k read from the step itself (the a = 1 reading: any decay is inside u_k),
 
     breaking_term = <v, u_k>   (v = D theta_k for quadratic charges, 1_A for translation)
-    angular_update = |theta_{k+1} - theta_k|_A / |theta_k|_A   (scale groups)
+    angular_update = the angle between theta_k and theta_{k+1} (scale groups, `theory/identity.rotation_angle`)
 
-which needs a copy of every tracked parameter at the pre hook of a log step (the memory of one extra model copy,
-only then); between log steps the strategy costs nothing. The sums measured at the pre hook (charge, norms, |g|)
-are first read at the post hook, so they wait there (`ctx.defer`) and join the post hook's sums: sharded, one
-all_reduce per log step and none in between.
+For an unknown update rule this needs both theta_k and theta_{k+1}, so this is the one strategy that copies: every
+tracked parameter at the pre hook of a log step (the memory of one extra model copy, only then), freed at the post
+hook; between log steps it costs nothing. Known rules read u_k from the optimizer's state instead (`identity.py`).
+The sums measured at the pre hook (charge, norms, |g|) are first read at the post hook, so they wait there
+(`ctx.defer`) and join the post hook's sums: sharded, one all_reduce per log step and none in between.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from neural_mechanics.theory.sgd_measurements import TINY
+from neural_mechanics.theory.identity import rotation_angle
 from neural_mechanics.tracking.products import Fields, Product
 from neural_mechanics.tracking.rows import Row, base_row
 from neural_mechanics.tracking.strategies.base import Applies, StepContext, Strategy, StrategySetup
@@ -91,8 +92,8 @@ class AnyOptimizerStrategy(Strategy):
             lr = torch.as_tensor(hp.lr, dtype=torch.float64, device=self.device)
             eta = torch.where(lr != 0, lr, torch.full_like(lr, float("nan")))
             row["breaking_term"] = out["term"] / eta
-            if fam.quadratic:
-                ang = torch.sqrt(out["step_sq"] / row["measured"].abs().clamp_min(TINY))
+            if fam.quadratic:  # the step delta = eta u_k itself: X = <theta_k, delta>, U = |delta|^2, "eta" = 1
+                ang = rotation_angle(row["measured"], 1.0, 1.0, out["term"], out["step_sq"])
                 row["angular_update"] = torch.where(fam.is_scale, ang, torch.nan)
         self._prev.clear()
         self._delta.clear()

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from neural_mechanics.theory.applicability import PREDICTION_KINDS, Applicability, applicability
+from neural_mechanics.theory.applicability import PREDICTION_KINDS, Applicability, applicability, equilibrium
 from neural_mechanics.theory.hyper import Hyper
 from neural_mechanics.tracking.families import ChargeFamily
 from neural_mechanics.tracking.metrics import prediction_column
@@ -178,6 +178,16 @@ class Strategy(ABC):
     def note(self) -> str:
         """A run-level sentence on what is not predicted and what is measured instead ("" when all is predicted)."""
         return ""
+
+    def facts(self) -> dict[str, Any]:
+        """Run-level facts for the manifest: "equilibrium", whether scale groups have a predicted weight-decay
+        equilibrium and why (`theory/applicability.equilibrium`, over the param groups holding tracked groups)."""
+        tracked = sorted({i for ix in self.indexes for i in ix.pgs})
+        verdicts = [equilibrium(self.optimizer, self.optimizer.param_groups[i]) for i in tracked]
+        if not verdicts:
+            return {}
+        reasons = list(dict.fromkeys(v.reason for v in verdicts if not v.applies)) or [verdicts[0].reason]
+        return {"equilibrium": {"applies": all(v.applies for v in verdicts), "reason": "; ".join(reasons)}}
 
     @abstractmethod
     def pre_step(self, ctx: StepContext, applies: Applies) -> None:

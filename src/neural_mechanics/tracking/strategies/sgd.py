@@ -20,7 +20,11 @@ Three predictions per group advance every step: `predicted_exact` (B = 0: what t
 `predicted_breaking` (fed the measured B_k: matches the measurement to float rounding) and `predicted_paper`
 (the continuous model, `theory/continuous.py`). Everything stays on the device; nothing synchronises with the
 host between log steps. Rows: `breaking` = predicted_breaking - predicted_exact, `breaking_term` = B_k,
-`angular_update` = eta sqrt(U / C) (scale groups).
+`angular_update` = the angle between theta_k and theta_{k+1} (scale groups; `theory/identity.rotation_angle` with
+a = 1 and the step's <D theta_k, u_k> from the recurrence) and, for scale groups under weight decay, the
+equilibrium columns of `theory/equilibrium.py`: `predicted_equilibrium` = sqrt(S S_eq(g)) (S_eq from this step's
+|g_A|^2), `angular_update_eq` = arccos(1 - eta lambda) (momentum: sqrt(2 eta lambda (1 - tau) / (1 + beta))) and
+`relaxation_time` (the norm's e-fold time of the decay alone, 2 `relaxation_steps`).
 """
 
 from __future__ import annotations
@@ -31,11 +35,18 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from neural_mechanics.theory.applicability import applicability
+from neural_mechanics.theory.applicability import applicability, equilibrium
 from neural_mechanics.theory.continuous import PaperPrediction
+from neural_mechanics.theory.equilibrium import (
+    angular_update,
+    relaxation_steps,
+    scale_equilibrium_from_grad,
+    scale_fixed_point,
+)
 from neural_mechanics.theory.exact import LinearRecurrence, QuadraticRecurrence
 from neural_mechanics.theory.hyper import Hyper
-from neural_mechanics.theory.sgd_measurements import step_angle, update_products
+from neural_mechanics.theory.identity import rotation_angle
+from neural_mechanics.theory.sgd_measurements import update_products
 from neural_mechanics.tracking.families import ChargeFamily
 from neural_mechanics.tracking.metrics import prediction_column
 from neural_mechanics.tracking.param_groups import ParamGroupIndex, Values
@@ -94,7 +105,7 @@ class _Charge:
         """After torch's step (heavy ball measures here)."""
 
     def angular(self, row: Row, inp: Mapping[str, Tensor], hp: Hyper) -> None:
-        """Fill angular_update when this step's U is known."""
+        """Fill angular_update once this step's U and <D theta_k, u_k> are known (after the recurrence stepped)."""
 
     def start(self, inp: Mapping[str, Tensor]) -> None:
         """Build the recurrences at the first step from the measured charge (and existing momentum buffers)."""
@@ -119,8 +130,8 @@ class _Charge:
             row[prediction_column(kind)] = torch.where(fam.valid & masks[kind], rec.charge, nan)
         row["breaking"] = row["predicted_breaking"] - row["predicted_exact"]
         row["breaking_term"] = inp["B"]
-        if hp is not None:
-            self.angular(row, inp, hp)
+        if hp is not None and fam.quadratic and "gg" in inp:
+            self.sgd.equilibrium_columns(self, row, inp, hp)
         return row
 
 
@@ -203,11 +214,14 @@ class _QuadraticCharge(_Charge):
         self.paper.step(hp, inp.get("grad_sq"), inp.get("velocity_sq"))
 
     def angular(self, row: Row, inp: Mapping[str, Tensor], hp: Hyper) -> None:
-        """Scale groups: |theta_{k+1} - theta_k| / |theta_k| = eta sqrt(U / C)."""
-        if "U" not in inp:
+        """Scale groups: the angle between theta_k and theta_{k+1} = theta_k - eta u_k, from U_k and the recurrence's
+        <D theta_k, u_k> of this step (`theory/identity.rotation_angle`, a = 1)."""
+        du = self.breaking.last_du
+        if "U" not in inp or du is None:
             return
         lr = torch.as_tensor(hp.lr, dtype=torch.float64, device=self.sgd.device).expand(self.fam.n)
-        row["angular_update"] = torch.where(self.fam.is_scale, step_angle(lr, inp["U"], row["measured"]), torch.nan)
+        ang = rotation_angle(row["measured"], 1.0, lr, du, inp["U"])
+        row["angular_update"] = torch.where(self.fam.is_scale, ang, torch.nan)
 
 
 class _LinearCharge(_Charge):
@@ -267,6 +281,23 @@ class SGDStrategy(Strategy):
             for f, ix in zip(self.families, self.indexes, strict=True)]
         self.fields = Fields(self.params, {"buffer": self.buffer})
 
+    def equilibrium_columns(self, ch: _Charge, row: Row, inp: Mapping[str, Tensor], hp: Hyper) -> None:
+        """Scale groups under weight decay (`theory/applicability.equilibrium`): predicted_equilibrium,
+        angular_update_eq and relaxation_time of `theory/equilibrium.py` (see the module docstring)."""
+        fam = ch.fam
+        on = fam.is_scale & fam.valid & (torch.tensor(
+            [float(equilibrium(self.optimizer, self.optimizer.param_groups[i]).applies) for i in range(
+                len(self.optimizer.param_groups))], dtype=torch.float64, device=self.device).index_select(
+            0, ch.index.first) > 0.5)
+        r = hp.resolved(row["measured"])
+        s_inst = scale_equilibrium_from_grad(r.lr, r.weight_decay, inp["gg"], r.momentum, r.dampening)
+        nan = fam.nan()
+        row["predicted_equilibrium"] = torch.where(on, scale_fixed_point(row["measured"], s_inst), nan)
+        row["angular_update_eq"] = torch.where(on, angular_update(r.lr, r.weight_decay, r.momentum, r.dampening)
+                                               .expand(fam.n), nan)
+        row["relaxation_time"] = torch.where(on, 2 * relaxation_steps(r.lr, r.weight_decay, r.momentum,
+                                                                      r.dampening).expand(fam.n), nan)
+
     def buffer(self, name: str) -> Tensor | None:
         """torch's momentum buffer of parameter `name` (None before the first momentum step)."""
         buf = self.optimizer.state.get(self.params[name], {}).get("momentum_buffer")
@@ -286,6 +317,8 @@ class SGDStrategy(Strategy):
             ch.B = inp.get("B")
             ch.pending = ch.row(inp, hp, masks) if ctx.log else None
             ch.advance(hp, inp)
+            if ch.pending is not None and "U" in inp:  # heavy ball: at the post hook, after its step
+                ch.angular(ch.pending, inp, hp)
 
     def post_step(self, ctx: StepContext, applies: Applies) -> list[Row | None] | None:
         for ch in self.charges:
