@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 import neural_mechanics as nm
 from hand_models import batch, mlp, mlp_groups
 from neural_mechanics.errors import CaptureError, InputShapeError, LossSpecError, NMechError
 from neural_mechanics.symmetry.capture import capture
+from neural_mechanics.symmetry.generic_point import generic_point
 from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet
 from neural_mechanics.symmetry.loss import NAMED_LOSSES, LossSpec, as_loss_spec, first_tensor
 from neural_mechanics.symmetry.utils import as_args, cast_inputs, working_copy
@@ -72,7 +74,7 @@ def test_callables_accepting_either_form_keep_each_entry_points_reading():
 def test_a_loss_spec_is_used_as_it_is_and_named_losses_are_data():
     spec = LossSpec.cross_entropy(class_dim=-1)
     assert as_loss_spec(spec) is spec
-    assert set(NAMED_LOSSES) == {"cross_entropy", "softmax", "mse", "none"}
+    assert set(NAMED_LOSSES) == {"cross_entropy", "softmax", "next_token", "causal_lm", "masked_token", "mse", "none"}
     assert LossSpec.of_outputs(outputs_only).takes_targets is False
     assert LossSpec.of_outputs_and_targets(F.mse_loss, name="l2").name == "l2"
     assert nm.LossSpec is LossSpec
@@ -120,7 +122,7 @@ def form_id(loss: object) -> str:
 @pytest.mark.parametrize("loss", SOFTMAX_FORMS, ids=form_id)
 def test_certify_and_check_constraints_evaluate_the_same_cross_entropy(loss):
     want = float(F.cross_entropy(reference_outputs(mlp(), X), Y))
-    cert = nm.certify(mlp(), mlp_groups(), X, loss=loss, targets=Y, sample=2)
+    cert = nm.certify(mlp(), mlp_groups(), X, loss=loss, targets=Y, sample=2, perturbation=0)  # the model's point
     check = nm.check_constraints(mlp(), loss, (X, Y), mlp_groups(), hessian=False)
     assert cert.loss_before == pytest.approx(want, rel=1e-12)
     assert check.loss == pytest.approx(want, rel=1e-12)
@@ -131,7 +133,7 @@ def test_mse_and_outputs_only_losses_agree_too():
     t = torch.randn(16, 3, generator=torch.Generator().manual_seed(1))
     out = reference_outputs(mlp(), X)
     for loss, want in (("mse", F.mse_loss(out, t.double())), (outputs_only, outputs_only(out))):
-        cert = nm.certify(mlp(), mlp_groups(), X, loss=loss, targets=t, sample=2)
+        cert = nm.certify(mlp(), mlp_groups(), X, loss=loss, targets=t, sample=2, perturbation=0)
         check = nm.check_constraints(mlp(), loss, (X, t), mlp_groups(), hessian=False)
         assert cert.loss_before == pytest.approx(float(want), rel=1e-12)
         assert check.loss == pytest.approx(float(want), rel=1e-12)
@@ -209,17 +211,39 @@ def two_heads_groups():
 @pytest.mark.parametrize("as_dict", [False, True])
 def test_certify_compares_only_what_the_loss_reads(as_dict):
     """The rescale groups change the hidden output but not the logits. Cross-entropy reads the logits only, so the
-    groups certify (before LossSpec certify refused non-tensor outputs for a named loss); a callable loss may read
-    anything, so every output is compared and the rescale groups fail on the hidden output."""
+    groups certify (before LossSpec certify refused non-tensor outputs for a named loss). A callable loss is
+    compared on what it reads, found by autograd: reading the logits only, the groups certify too; reading the
+    hidden output as well (even with weight 0, so that the loss value does not move), they fail on that output."""
     model, x = TwoHeads(as_dict), torch.randn(6, 4)
     rep = nm.certify(model, two_heads_groups(), x, sample=None)
     assert rep.ok, rep.summary()
+    where = "output['logits']" if as_dict else "output[0]"
+    assert rep.compared == [f"{where} (6, 3)"] and where in rep.summary()
     assert rep.loss_before == pytest.approx(
-        float(F.cross_entropy(first_tensor(reference_outputs(model, x)), _random_targets(6, 3))), rel=1e-12)
-    by_callable = nm.certify(model, two_heads_groups(), x, sample=None,
+        float(F.cross_entropy(first_tensor(generic_outputs(model, x)), _random_targets(6, 3))), rel=1e-12)
+    logits_only = nm.certify(model, two_heads_groups(), x, sample=None,
                              loss=lambda out: F.log_softmax(first_tensor(out), dim=1).sum())
-    assert {r.kind for r in by_callable.results if not r.passed} == {"rescale"}
-    assert all(r.rel_loss_change < 1e-12 for r in by_callable.results)
+    assert logits_only.ok and logits_only.compared == rep.compared, logits_only.summary()
+    hidden = "output['hidden']" if as_dict else "output[1]"
+    both = nm.certify(model, two_heads_groups(), x, sample=None, loss=reads_hidden_too)
+    assert both.compared == [f"{where} (6, 3)", f"{hidden} (6, 5)"]
+    assert {r.kind for r in both.results if not r.passed} == {"rescale"}
+    assert all(r.rel_loss_change < 1e-12 for r in both.results)
+
+
+def reads_hidden_too(out):
+    """Cross-entropy's stand-in plus 0 x the hidden output: the value ignores it, the graph reads it."""
+    hidden = out["hidden"] if isinstance(out, dict) else out[1]
+    return F.log_softmax(first_tensor(out), dim=1).sum() + 0 * hidden.sum()
+
+
+def generic_outputs(model, x):
+    """The model's outputs at certify's generic point (seed 0), recomputed from symmetry/generic_point.py's rule."""
+    work, _ = working_copy(model)
+    point = generic_point({k: v.detach() for k, v in work.named_parameters()}, seed=0)
+    with torch.no_grad():
+        return functional_call(work, {**point.params, **dict(work.named_buffers())},
+                               cast_inputs(as_args(x), torch.float64, None))
 
 
 def _random_targets(n: int, classes: int) -> torch.Tensor:
@@ -239,24 +263,28 @@ class TokenModel(nn.Module):
         return self.head(F.relu(self.fc(self.emb(tokens))))
 
 
-def test_token_logits_take_the_softmax_over_the_vocabulary_with_class_dim_minus_one():
-    """With class_dim=-1 each (sample, position) has its own softmax over V: shifting all logits of a position is
-    invariant, so every head column and the head bias are translation groups (5 + 1, hand-derived); rescale: the 4
-    embedding dims (emb column in, fc column out) and the 5 ReLU units (fc row + bias in, head column out). The
-    default class axis (dim 1, here the sequence) is kept as it was and finds no translation."""
+@pytest.mark.parametrize("loss", ["cross_entropy", LossSpec.cross_entropy(class_dim=-1), "masked_token"],
+                         ids=form_id)
+def test_token_logits_take_the_softmax_over_the_vocabulary(loss):
+    """3-D logits (B, T, V) take the softmax over the LAST axis by default (the class-axis rule of symmetry/loss.py),
+    as with class_dim=-1 and the masked-token loss: each (sample, position) has its own softmax over V, so shifting
+    all logits of a position is invariant, and every head column and the head bias are translation groups (5 + 1,
+    hand-derived); rescale: the 4 embedding dims (emb column in, fc column out) and the 5 ReLU units (fc row + bias
+    in, head column out). The sequence axis (dim 1) would give no translation: class_dim=1 says so explicitly."""
     model, tokens = TokenModel(), torch.randint(0, 7, (3, 6), generator=torch.Generator().manual_seed(2))
-    spec = LossSpec.cross_entropy(class_dim=-1)
-    found = nm.find_symmetries(model, tokens, loss=spec)
+    found = nm.find_symmetries(model, tokens, loss=loss)
     assert found.counts() == {"translation": 6, "scale": 0, "rescale": 9}
-    assert nm.find_symmetries(model, tokens).counts()["translation"] == 0
+    assert nm.find_symmetries(model, tokens, loss=LossSpec.cross_entropy(class_dim=1)).counts()["translation"] == 0
     targets = torch.randint(0, 7, (3, 6), generator=torch.Generator().manual_seed(3))
-    rep = nm.certify(model, found, tokens, loss=spec, targets=targets, sample=None)
-    logits = reference_outputs(model, tokens)
-    want = float(F.cross_entropy(logits.reshape(-1, 7), targets.reshape(-1)))
+    rep = nm.certify(model, found, tokens, loss=loss, targets=targets, sample=None)
+    want = float(F.cross_entropy(generic_outputs(model, tokens).reshape(-1, 7), targets.reshape(-1)))
     assert rep.ok and rep.loss_before == pytest.approx(want, rel=1e-12), rep.summary()
-    check = nm.check_constraints(model, spec, (tokens, targets), found)
+    assert "softmax over axis 2 of output (3, 6, 7)" in rep.summary()
+    logits = reference_outputs(model, tokens)
+    check = nm.check_constraints(model, loss, (tokens, targets), found)
+    want = float(F.cross_entropy(logits.reshape(-1, 7), targets.reshape(-1)))
     assert check.loss == pytest.approx(want, rel=1e-12) and check.ok(), check.summary()
-    bound = spec.bind(like=logits, generator=torch.Generator().manual_seed(0))  # random targets: (B, T) in [0, V)
+    bound = as_loss_spec(loss).bind(like=logits, generator=torch.Generator().manual_seed(0))  # targets (B, T) < V
     assert torch.isfinite(bound(logits))
 
 
@@ -281,5 +309,5 @@ def test_scalar_logits_and_out_of_range_class_axes_are_refused():
                                                                               "rescale": 4}
     with pytest.raises(LossSpecError, match="class_dim 3 is out of range"):
         LossSpec.cross_entropy(class_dim=3).bind(like=torch.zeros(2, 3), generator=torch.Generator())
-    with pytest.raises(LossSpecError, match="needs the model to return one tensor"):
-        nm.certify(TwoHeads(), two_heads_groups(), torch.randn(6, 4), loss="mse")
+    with pytest.raises(LossSpecError, match="compares 2 output tensor"):
+        nm.certify(TwoHeads(), two_heads_groups(), torch.randn(6, 4), loss="mse", targets=torch.zeros(6, 3))

@@ -15,6 +15,6 @@ Layout: `app` (the typer app, consoles, entry point), `options` (shared options)
 from __future__ import annotations
 
 from . import analyse, runs, uses  # noqa: F401  (importing registers the commands on `app`)
-from .app import QUIET_LOGGERS, app, console, err_console, main
+from .app import app, console, err_console, main
 
-__all__ = ["QUIET_LOGGERS", "app", "console", "err_console", "main"]
+__all__ = ["app", "console", "err_console", "main"]

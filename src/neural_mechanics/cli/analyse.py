@@ -14,6 +14,7 @@ from ..errors import NMechError
 from ..experiments.checks import check_model
 from ..experiments.objectives import build_objective
 from ..symmetry.certify import certify
+from ..symmetry.coverage import coverage_lines, empty_message
 from ..symmetry.detect import find_symmetries
 from .app import _Command, app, console, err_console
 from .options import (
@@ -45,6 +46,9 @@ def symmetries(
     eval_mode: EvalOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the groups as a JSON list (the public contract).")
                        ] = False,
+    json_full: Annotated[bool, typer.Option("--json-full", help="Print {\"symmetries\": [...], \"meta\": {...}}: the "
+                                            "groups and the detection facts, coverage included (the parameter "
+                                            "fraction in groups, the ops that blocked the rest).")] = False,
     explain: Annotated[str | None, typer.Option("--explain", help="Print why the members of group NAME are tied.")
                        ] = None,
     certify_groups: Annotated[bool, typer.Option("--certify/--no-certify",
@@ -52,13 +56,14 @@ def symmetries(
                                                  "largest relative change of the loss and outputs.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for the example batch and certification.")] = 0,
 ) -> None:
-    """Find every symmetry of MODEL from its computation graph: a table per layer and kind, or JSON."""
+    """Find every symmetry of MODEL from its computation graph: a table per layer and kind with the coverage (the
+    fraction of parameters in groups, the ops that blocked the rest), then certification; or JSON."""
     objective = build_objective(loss, class_dim)
     resolved, inputs = example(model, input_shape, input_dtype, vocab, num_classes, batch, seed, eval_mode, overrides)
     net = resolved.model
     found = find_symmetries(net, inputs, loss=objective.spec)
-    if as_json:
-        sys.stdout.write(found.to_json(indent=2) + "\n")
+    if as_json or json_full:
+        sys.stdout.write(found.to_json(indent=2, with_meta=json_full) + "\n")
         return
     if explain is not None:
         if explain not in found:
@@ -87,11 +92,14 @@ def _print_symmetry_table(found: Any, title: str) -> None:
     totals = found.counts()
     table.add_row("[bold]total[/bold]", *(f"[bold]{totals[k]}[/bold]" for k in ("translation", "scale", "rescale")))
     console.print(table)
+    if found.meta.get("loss_detail"):
+        console.print(f"loss: {found.meta['loss_detail']}", markup=False, highlight=False)
     for warning in found.meta.get("warnings", []):
         err_console.print(f"[yellow]warning:[/yellow] {warning}")
     if not len(found):
-        console.print("No symmetry found: no softmax-fed linear layer, no normalisation, no positively "
-                      "homogeneous neuron. See `meta` in --json output for the operations that blocked them.")
+        console.print(empty_message(found.meta), markup=False, highlight=False)
+    for line in coverage_lines(found.meta):
+        console.print(line, markup=False, highlight=False)
 
 
 @app.command(cls=_Command)
@@ -121,7 +129,9 @@ def check(
     resolved, inputs = example(model, input_shape, input_dtype, vocab, num_classes, batch, seed, overrides=overrides)
     result = check_model(resolved, inputs, hessian=hessian, seed=seed, objective=objective)
     if result.report is None:
-        console.print("No symmetry found; nothing to check.")
+        console.print(empty_message(result.found.meta) + " Nothing to check.", markup=False, highlight=False)
+        for line in coverage_lines(result.found.meta):
+            console.print(line, markup=False, highlight=False)
         return
     if result.uncertified:
         err_console.print(f"[yellow]{len(result.uncertified)} group(s) did not certify and are not checked[/yellow]")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
@@ -48,16 +47,10 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-#: Loggers whose records are noise in front of a clean error: when capture in fake mode fails (a model that
-#: rejects its example input), torch logs the whole failed meta-kernel traceback at ERROR level, and the capture
-#: then re-runs the model for real and raises an InputShapeError that says the same in one line.
-QUIET_LOGGERS = ("torch._subclasses.fake_tensor",)
-
-
 def main() -> None:
     """Console-script entry point: user errors become a message and exit status 2."""
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # torch's fake-tensor tracebacks in front of a clean capture error are silenced by capture itself, for the
+    # capture only (symmetry.utils.quiet_logs), so library callers get it too and the loggers are restored.
     try:
         app()
     except NMechError as exc:

@@ -97,10 +97,11 @@ class Objective:
         if z.ndim < 2:
             raise LossSpecError(f"loss {self.name!r} needs batched logits of shape (N, C, ...), the model returned "
                                 f"shape {tuple(z.shape)}", "return one row of logits per example")
-        if not -z.ndim <= self.spec.class_dim < z.ndim:
-            raise LossSpecError(f"loss {self.name!r}: class axis {self.spec.class_dim} is out of range for outputs "
+        class_dim = self.spec.axis(z) if self.spec.class_dim is None else self.spec.class_dim  # None: loss.py's rule
+        if not -z.ndim <= class_dim < z.ndim:
+            raise LossSpecError(f"loss {self.name!r}: class axis {class_dim} is out of range for outputs "
                                 f"of shape {tuple(z.shape)}", "set loss.class_dim (--class-dim) to the class axis")
-        return self.spec.class_dim % z.ndim
+        return class_dim % z.ndim
 
     # -- what a run computes -----------------------------------------------------------------------------------
 

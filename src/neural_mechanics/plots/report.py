@@ -29,6 +29,7 @@ from neural_mechanics.plots.rotational import equilibrium_reason, fig_rotational
 from neural_mechanics.plots.source import FigureUnavailable, RunView, load_run
 from neural_mechanics.plots.style import KIND_COLORS, PREDICTION_STYLE, close, png_bytes
 from neural_mechanics.plots.toy import fig_conserved_surfaces
+from neural_mechanics.symmetry.coverage import EXTENDING
 from neural_mechanics.symmetry.kinds import KINDS
 from neural_mechanics.tracking.metrics import REGIME_MIN_UPDATE_RATIO, equilibrium_regime
 
@@ -317,7 +318,34 @@ def _symmetry_summary(view: RunView) -> str:
         inv = (f"<h3>Groups without a valid prediction ({len(items)})</h3>"
                f"<div class='scroll'><table>{shown}</table></div>{more}")
     return (f"<div class='grid'><div class='card'><h3>Groups per kind</h3><table>{kinds}</table></div>"
-            f"<div class='card'><h3>Groups per layer</h3><div class='scroll'>{layer_table}</div></div></div>{inv}")
+            f"<div class='card'><h3>Groups per layer</h3><div class='scroll'>{layer_table}</div></div>"
+            f"{_coverage_card(view.symmetry_meta)}</div>{inv}")
+
+
+def _coverage_card(meta: Mapping[str, Any]) -> str:
+    """The coverage of the detection (SymmetrySet.meta["coverage"], symmetry/coverage.py): the fraction of
+    parameter entries in groups and every op that blocked a channel, unsupported ones marked as such."""
+    cov = meta.get("coverage")
+    if not isinstance(cov, Mapping):
+        return ("<div class='card'><h3>Coverage</h3><p class='meta'>not recorded (the run's symmetries were "
+                "stored without the detection's meta)</p></div>")
+    total, inside = int(cov.get("params_total", 0)), int(cov.get("params_in_groups", 0))
+    frac = float(cov.get("param_fraction", inside / total if total else 0.0))
+    blocked: Mapping[str, int] = cov.get("blocked_ops") or {}
+    unsupported = set(cov.get("unsupported_ops") or [])
+    barriers: Mapping[str, str] = cov.get("barrier_ops") or {}
+    rows = ""
+    for key, n in blocked.items():
+        op = key.split(" (", 1)[0]
+        why = (f"unsupported: the engine does not know this op; teach it with nm.register_op ({EXTENDING})"
+               if op in unsupported else f"known barrier: {barriers.get(key, '')}")
+        rows += f"<tr><td><code>{_e(key)}</code></td><td class='num'>{int(n)}</td><td>{_e(why)}</td></tr>"
+    table = (f"<table><tr><th>op</th><th class='num'>calls</th><th>why it blocks</th></tr>{rows}</table>" if rows
+             else "<p class='meta'>no op blocked a moving channel</p>")
+    loss = f"<p class='meta'>loss: {_e(meta['loss_detail'])}</p>" if meta.get("loss_detail") else ""
+    return (f"<div class='card'><h3>Coverage</h3><p>{inside:,} of {total:,} parameter entries "
+            f"(<strong>{100 * frac:.1f}%</strong>) are in at least one group.</p>{loss}"
+            f"<h3>Ops that blocked channels</h3><div class='scroll'>{table}</div></div>")
 
 
 def _figure_html(r: Rendered) -> str:

@@ -45,6 +45,8 @@ class RunView:
     manifest: dict[str, Any] = field(default_factory=dict)
     symmetries: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
+    symmetry_meta: dict[str, Any] = field(default_factory=dict)
+    """How the symmetries were found (`SymmetrySet.meta`: loss, coverage, warnings), when the run recorded it."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Optional frames some runs carry (e.g. "constraints", "param_trace")."""
 
@@ -218,9 +220,11 @@ def load_run(run: Any) -> RunView:
     path = path or _path_of(run)
     manifest = _get(run, "manifest") or {}
     manifest = dict(manifest) if isinstance(manifest, Mapping) else {}
-    symmetries = _as_symmetry_dicts(_get(run, "symmetries"))
+    live_symmetries = _get(run, "symmetries")
+    symmetries = _as_symmetry_dicts(live_symmetries)
     if not symmetries:
         symmetries = _as_symmetry_dicts(manifest.get("symmetries"))
+    symmetry_meta = getattr(live_symmetries, "meta", None) or manifest.get("symmetry_meta") or {}
     extras: dict[str, Any] = {}
     for name in ("constraints", "param_trace"):
         value = _get(run, name)
@@ -236,6 +240,7 @@ def load_run(run: Any) -> RunView:
         symmetries=symmetries,
         path=path,
         extras=extras,
+        symmetry_meta=dict(symmetry_meta) if isinstance(symmetry_meta, Mapping) else {},
     )
 
 

@@ -38,7 +38,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from neural_mechanics.errors import CaptureError, InputShapeError
 from neural_mechanics.symmetry.einsum import DECOMPOSITIONS
 from neural_mechanics.symmetry.loss import LossLike, as_loss_spec
-from neural_mechanics.symmetry.utils import as_args
+from neural_mechanics.symmetry.utils import as_args, quiet_logs
 
 
 @dataclass
@@ -57,6 +57,8 @@ class CapturedGraph:
     model_outputs_are_graph_outputs: bool
     """True when no loss was captured (loss "mse"/None): the graph outputs are the model outputs."""
     notes: list[str] = field(default_factory=list)
+    loss_detail: str = ""
+    """The loss in words (`LossSpec.describe`): for a softmax loss, the class axis and positions it scores."""
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -92,7 +94,14 @@ def capture(model: nn.Module, example_inputs: Any, loss: LossLike = "cross_entro
 
     `loss` is converted by `symmetry.loss.as_loss_spec`; what is traced after the model is
     `LossSpec.captured()` (for cross-entropy, the stand-in sum(log_softmax(logits, class axis))).
+    Torch's tracing loggers are silenced meanwhile (`quiet_logs`): a failed fake-tensor trace logs its whole
+    traceback, while the capture either succeeds another way or raises a clean error of its own.
     """
+    with quiet_logs():
+        return _capture(model, example_inputs, loss)
+
+
+def _capture(model: nn.Module, example_inputs: Any, loss: LossLike) -> CapturedGraph:
     inputs = as_args(example_inputs)
     names = [n for n, _ in model.named_parameters()]
     plist = [p.detach() for _, p in model.named_parameters()]
@@ -102,9 +111,12 @@ def capture(model: nn.Module, example_inputs: Any, loss: LossLike = "cross_entro
     spec = as_loss_spec(loss)
     loss_fn = spec.captured()
 
+    loss_detail: list[str] = []
+
     def f(params: list[Tensor], buffers: list[Tensor], *xs: Any) -> Any:
         state = (dict(zip(names, params, strict=True)), dict(zip(bnames, buffers, strict=True)))
         out = functional_call(model, state, xs)
+        loss_detail.append(spec.describe(out))  # shapes only: the class axis and positions the loss scores
         return out if loss_fn is None else loss_fn(out)
 
     errors: list[str] = []
@@ -151,6 +163,7 @@ def capture(model: nn.Module, example_inputs: Any, loss: LossLike = "cross_entro
         loss=spec.name,
         input_shapes=[tuple(x.shape) for x in inputs if isinstance(x, Tensor)],
         model_outputs_are_graph_outputs=loss_fn is None,
+        loss_detail=loss_detail[-1] if loss_detail else spec.name,
     )
 
 

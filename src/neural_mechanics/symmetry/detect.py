@@ -18,6 +18,7 @@ at parameter names except to report them: all structure comes from the captured 
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from neural_mechanics.symmetry.analysis import Analysis, Contribution, Role, module_of, opname, oriented_classes
 from neural_mechanics.symmetry.capture import capture
+from neural_mechanics.symmetry.coverage import covered_entries
 from neural_mechanics.symmetry.graph import INVARIANT
 from neural_mechanics.symmetry.groups import Member, Symmetry, SymmetrySet, _short_index
 from neural_mechanics.symmetry.key_bias import find_key_bias_sites
@@ -302,6 +304,7 @@ def _find(model: nn.Module, example_inputs: Any, loss: LossLike, wanted: set[str
         "capture": cap.mechanism,
         "input_shapes": [list(s) for s in cap.input_shapes],
         "loss": cap.loss,
+        "loss_detail": cap.loss_detail,
         "training": bool(model.training),
         "graph_nodes": len(cap.graph.nodes),
         "frozen": [n for n, why in a.unusable.items() if why.startswith("frozen")],
@@ -319,6 +322,7 @@ def _find(model: nn.Module, example_inputs: Any, loss: LossLike, wanted: set[str
         groups += _translation_groups(a)
     if wanted is not None:
         groups = [g for g in groups if g.kind in wanted]
+    meta["coverage"] = _coverage(a, groups, model)
     if a.eval_batchnorm:
         layers = ", ".join(dict.fromkeys(a.eval_batchnorm))
         if len(layers) > 120:
@@ -343,6 +347,35 @@ def _find(model: nn.Module, example_inputs: Any, loss: LossLike, wanted: set[str
             f"every group: {blocked}")
     meta["seconds"] = round(time.perf_counter() - t0, 4)
     return SymmetrySet(groups, meta)
+
+
+def _coverage(a: Analysis, groups: list[Symmetry], model: nn.Module) -> dict[str, Any]:
+    """meta["coverage"] (symmetry/coverage.py): parameter entries in groups, and what blocked the rest.
+
+    An op counted in `a.blocked` at a node without a rule is unsupported (the user can teach it); at a node with
+    a rule it is a known barrier, whose reason is the rule's summary (ops/barriers.py for the ops that block by
+    their nature; the handler's own line for a rule that decided to block, e.g. eval-mode BatchNorm).
+    """
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    total = sum(math.prod(s) for s in shapes.values())
+    inside = sum(covered_entries(groups, shapes).values())
+    unsupported: dict[str, None] = {}
+    barriers: dict[str, str] = {}
+    for node, keys in a.blocked_at.items():
+        rule = rule_of(node)
+        for key in keys:
+            if rule is None:
+                unsupported[key.split(" (", 1)[0]] = None
+            else:
+                barriers.setdefault(key, rule.summary)
+    return {
+        "params_total": total,
+        "params_in_groups": inside,
+        "param_fraction": inside / total if total else 0.0,
+        "blocked_ops": dict(a.blocked),
+        "unsupported_ops": sorted(unsupported),
+        "barrier_ops": dict(sorted(barriers.items())),
+    }
 
 
 def describe_graph(model: nn.Module, example_inputs: Any, *, loss: LossLike = "cross_entropy") -> str:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .coverage import coverage_lines, empty_message
 from .kinds import KINDS, get_kind
 
 Role = Literal["in", "out"]
@@ -378,7 +379,8 @@ class SymmetrySet(Sequence[Symmetry]):
         return list(dict.fromkeys(s.layer for s in self))
 
     def details(self) -> str:
-        """A per-layer table of group counts."""
+        """A per-layer table of group counts, then the coverage block of `meta["coverage"]` (symmetry/coverage.py):
+        the fraction of parameter entries in groups and the ops that blocked the rest."""
         rows = [f"{'layer':<40} {'translation':>11} {'scale':>7} {'rescale':>8}"]
         by_layer = self.counts_by_layer()
         for layer in self.layers():
@@ -386,12 +388,19 @@ class SymmetrySet(Sequence[Symmetry]):
             rows.append(f"{layer:<40} {cells[0]:>11} {cells[1]:>7} {cells[2]:>8}")
         total = self.counts()
         rows.append(f"{'total':<40} {total['translation']:>11} {total['scale']:>7} {total['rescale']:>8}")
+        if not len(self) and "coverage" in self.meta:
+            rows.append(empty_message(self.meta))
+        rows += coverage_lines(self.meta)
         return "\n".join(rows)
 
     # Serialisation -----------------------------------------------------------------------------
-    def to_json(self, indent: int | None = None) -> str:
-        """The JSON list of symmetries (the contract in docs/contract.md)."""
-        return json.dumps([s.to_dict() for s in self], indent=indent)
+    def to_json(self, indent: int | None = None, *, with_meta: bool = False) -> str:
+        """The JSON list of symmetries (the contract in docs/contract.md); with_meta=True: the object
+        {"symmetries": [...], "meta": {...}} (what `nmech symmetries --json-full` prints; `from_json` reads both)."""
+        items = [s.to_dict() for s in self]
+        if with_meta:
+            return json.dumps({"symmetries": items, "meta": self.meta}, indent=indent, default=str)
+        return json.dumps(items, indent=indent)
 
     @classmethod
     def from_json(cls, text: str) -> SymmetrySet:

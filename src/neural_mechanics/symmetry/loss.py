@@ -4,131 +4,138 @@ A symmetry is a statement about the model *and* the loss, L(psi(theta, alpha)) =
 entry points must mean the same loss by the same argument. Each accepts a `LossLike` and converts it with
 one function, `as_loss_spec`, into a `LossSpec`:
 
-| argument                         | kind    | find_symmetries captures   | certify / check_constraints | compares     |
-|----------------------------------|---------|----------------------------|-----------------------------|--------------|
-| "cross_entropy", "softmax"       | softmax | sum(log_softmax(z, axis))  | cross_entropy(z, targets)   | the logits z |
-| "mse", "none", None              | plain   | the outputs themselves     | mse(outputs, targets)       | the output   |
-| loss(outputs) -> scalar          | custom  | loss(outputs)              | loss(outputs)               | every output |
-| loss(outputs, targets) -> scalar | custom  | refused (needs targets)    | loss(outputs, targets)      | every output |
-| a LossSpec                       | its own |                            |                             |              |
+| argument                   | kind    | find_symmetries captures    | certify / check_constraints   | compared  |
+|----------------------------|---------|-----------------------------|-------------------------------|-----------|
+| "cross_entropy", "softmax" | softmax | sum(log_softmax(z, axis))   | cross_entropy(z, targets)     | logits z  |
+| "next_token"               | softmax | sum(log_softmax(z, -1))     | CE(z, targets) over V         | logits z  |
+| "causal_lm"                | softmax | sum(log_softmax(z[:, :-1])) | CE(z[:, :-1], targets[:, 1:]) | z[:, :-1] |
+| "masked_token"             | softmax | sum(log_softmax(z, -1))     | CE(z, targets), -100 ignored  | logits z  |
+| "mse", "none", None        | plain   | the outputs themselves      | sum of mse(output, target)    | outputs   |
+| loss(outputs) -> scalar    | custom  | loss(outputs)               | loss(outputs)                 | its reads |
+| loss(outputs, targets)     | custom  | refused (needs targets)     | loss(outputs, targets)        | its reads |
+| a LossSpec                 | its own |                             |                               |           |
 
-* The softmax stand-in: cross-entropy with any targets is a function of log_softmax over the class axis,
-  so the symmetries that hold for every target are those of sum(log_softmax(z)); that graph is what the
-  detector reads (docs/theory.md section 1, translation).
-* The logits z of an output (`first_tensor`): the tensor itself, a dict's (or Hugging Face output's)
-  "logits", an object's `.logits`, or the first tensor of a tuple. Only what the loss reads is compared
-  when certifying, so extra outputs (an auxiliary head, an encoder state) do not fail real groups.
-* The class axis is `class_dim` (default 1, the `F.cross_entropy` convention; dim 0 for 1-D logits).
-  Token-level logits (B, T, V) need `LossSpec.cross_entropy(class_dim=-1)`: the softmax runs over the
-  vocabulary, and cross_entropy compares (B, T) targets.
-* Targets: certify uses the given ones or seeded random ones (class indices over the class axis;
-  standard normal for mse); check_constraints takes them from its (inputs, targets) batch.
+* The softmax stand-in: cross-entropy with any targets is a function of log_softmax over the class axis at
+  the positions it scores, and every entry of it is reached by some target, so the symmetries that hold for
+  every target are those of log_softmax(z) at those positions; sum(log_softmax(z)) over them is the graph
+  the detector reads (docs/theory.md section 1, translation). The causal_lm stand-in slices off the last
+  position, exactly as the real loss does, so it reads exactly what the real loss reads.
+* The logits z of an output (`outputs.locate_logits`): the tensor itself, a dict's (or Hugging Face output's)
+  "logits", an object's `.logits`, or the first tensor of a tuple. Certify compares only what the loss reads
+  (`LossSpec.reads`), so extra outputs (an auxiliary head, an encoder state) do not fail real groups; for a
+  callable loss, what it reads is found by autograd (`outputs.read_leaves`).
+* The class axis (`class_axis`, one rule for all three entry points): `class_dim` when the LossSpec gives it;
+  otherwise axis 0 of 1-D logits, the LAST axis of 3-D logits (B, T, V) (token logits: each position has its
+  own softmax over the vocabulary, the convention of sequence models), and axis 1 for every other rank
+  ((N, C), (N, C, H, W) segmentation, (N, C, D, H, W): `F.cross_entropy`'s convention). A per-position
+  classifier that returns (N, C, L) needs `LossSpec.cross_entropy(class_dim=1)`.
+* Token losses (softmax over the last axis, the vocabulary): "next_token" scores the logits at position t
+  against the target at t, targets (B, T) being the NEXT token ids (already shifted: the pairs the "tokens"
+  dataset yields, and the training objective of the same name, experiments/objectives.py); "causal_lm" takes
+  targets aligned with the inputs (typically the input ids themselves, Hugging Face's `labels=input_ids`) and
+  scores position t against target t + 1 (the last position is not scored); "masked_token" scores every position
+  whose target is not -100 (targets (B, T), -100 where no token is predicted, the masked-LM convention).
+* Targets: certify uses the given ones or seeded random ones (class indices over the class axis, every
+  position scored; standard normal for mse); check_constraints takes them from its (inputs, targets) batch.
+  For mse with several output tensors, targets are a list with one tensor per output tensor (pytree order).
 * A plain callable's form is read from its signature: two required positional parameters ->
   loss(outputs, targets), a single positional parameter -> loss(outputs). A callable that accepts either
   (`f(out, y=None)`, `*args`, no signature) keeps each entry point's historical reading: loss(outputs)
   for find_symmetries and certify, loss(outputs, targets) for check_constraints. Say it explicitly with
   `LossSpec.of_outputs(fn)` / `LossSpec.of_outputs_and_targets(fn)`.
+
+(A little over 400 lines: the one LossSpec is the single source of the loss convention for all three entry points,
+so its forms, stand-ins, reads and bindings stay together; where outputs are found is outputs.py.)
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
 from neural_mechanics.errors import LossSpecError
+from neural_mechanics.symmetry.outputs import (
+    Leaf,
+    first_tensor,
+    locate_logits,
+    output_leaves,
+    output_tensors,
+    read_leaves,
+)
 
 LossKind = Literal["softmax", "plain", "custom"]
 LOSS_KINDS: tuple[LossKind, ...] = ("softmax", "plain", "custom")
+IGNORE_INDEX = -100
+"""Targets equal to this are not scored (`F.cross_entropy`'s default; the masked-LM and padding convention)."""
 
 __all__ = [
+    "IGNORE_INDEX",
     "NAMED_LOSSES",
     "LossLike",
     "LossSpec",
     "as_loss_spec",
+    "class_axis",
     "first_tensor",
     "output_tensors",
     "softmax_loss",
 ]
 
 
-def first_tensor(out: Any) -> Tensor:
-    """The logits of a model output: the tensor itself, the first tensor of a tuple, or a dict's 'logits'."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, dict):
-        if "logits" in out and isinstance(out["logits"], Tensor):
-            return out["logits"]
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            if isinstance(o, Tensor):
-                return o
-    if hasattr(out, "logits") and isinstance(out.logits, Tensor):
-        return out.logits
-    raise LossSpecError(
-        f"the model returned {type(out).__name__}, in which no logits tensor was found",
-        "return a tensor (or a tuple whose first tensor is the logits), or pass loss=callable(outputs)",
-    )
+def class_axis(ndim: int, class_dim: int | None = None, name: str = "cross_entropy") -> int:
+    """The non-negative class axis of logits of rank `ndim`: the rule of the module docstring.
+
+    class_dim None: 0 for 1-D (and 0-d) logits, ndim - 1 for 3-D logits (B, T, V), 1 otherwise. A given
+    class_dim must lie in range (1-D logits always use axis 0).
+    """
+    if ndim <= 1:
+        return 0
+    if class_dim is None:
+        return ndim - 1 if ndim == 3 else 1
+    if not -ndim <= class_dim < ndim:
+        raise LossSpecError(f"loss {name!r}: class_dim {class_dim} is out of range for logits of rank {ndim}",
+                            "pass LossSpec.cross_entropy(class_dim=...) within range")
+    return class_dim % ndim
 
 
-def output_tensors(out: Any) -> list[Tensor]:
-    """Every tensor in a model output (a tensor, or nested tuples/lists/dicts of them), in pytree order."""
-    return [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+def softmax_loss(out: Any, class_dim: int | None = None) -> Tensor:
+    """The captured stand-in for cross-entropy: sum(log_softmax(logits, dim=class_axis(...))).
 
-
-def softmax_loss(out: Any, class_dim: int = 1) -> Tensor:
-    """The captured stand-in for cross-entropy: sum(log_softmax(logits, dim=class_dim)) (dim 0 for 1-D logits).
-
-    Cross-entropy with any targets is a function of log_softmax over the class dimension (dim 1 by default,
-    the `F.cross_entropy` convention), so its symmetries are those of this graph.
+    Cross-entropy with any targets is a function of log_softmax over the class axis, so its symmetries are
+    those of this graph. A 0-d output is traced as it always was (log_softmax over its one axis, a constant):
+    the detector then finds only what holds for the output itself; certify and check_constraints refuse it.
     """
     logits = first_tensor(out)
-    # a 0-d output is traced as it always was (log_softmax over dim 0, a constant): the detector then finds only
-    # what holds for the output itself; certify and check_constraints refuse it (`_class_axis`)
-    return F.log_softmax(logits, dim=_class_axis(logits, class_dim, "cross_entropy", scalar_ok=True)).sum()
+    return F.log_softmax(logits, dim=class_axis(logits.ndim, class_dim)).sum()
 
 
-def _class_axis(logits: Tensor, class_dim: int, name: str, scalar_ok: bool = False) -> int:
-    """The non-negative class axis of `logits`: class_dim (0 for 1-D logits)."""
-    if logits.ndim == 0 and not scalar_ok:
-        raise LossSpecError(f"{name} needs outputs of shape (N, C, ...), got ()", "pass loss='mse' or a callable loss")
-    if logits.ndim <= 1:
-        return 0
-    if not -logits.ndim <= class_dim < logits.ndim:
-        raise LossSpecError(f"loss {name!r}: class_dim {class_dim} is out of range for logits of shape "
-                            f"{tuple(logits.shape)}", "pass LossSpec.cross_entropy(class_dim=...) within range")
-    return class_dim % logits.ndim
-
-
-def _single_tensor(out: Any, name: str) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise LossSpecError(f"loss={name!r} needs the model to return one tensor, got {type(out).__name__}",
-                            "pass loss=callable(outputs) -> scalar tensor")
-    return out
+def _floating_leaves(out: Any) -> list[Leaf]:
+    return [(p, t) for p, t in output_leaves(out) if t.is_floating_point()]
 
 
 @dataclass(frozen=True)
 class LossSpec:
     """The loss a symmetry is stated for, as all three entry points read it.
 
-    kind "softmax": cross-entropy of the logits over axis `class_dim`; "plain": mean squared error of the
-    (single) output; "custom": `fn(outputs)` or, with `takes_targets`, `fn(outputs, targets)`.
-    `name` is what reports and `SymmetrySet.meta["loss"]` show. Build one with the class methods, or let
-    `as_loss_spec` convert a string or a callable.
+    kind "softmax": cross-entropy of the logits over the class axis (`class_dim`, None: the rule of
+    `class_axis`), scoring the logits at position t against the target at t + `target_offset` along the
+    sequence axis (the axis before the class axis; 0: no offset, 1: next-token prediction); "plain": mean
+    squared error of every floating output tensor; "custom": `fn(outputs)` or, with `takes_targets`,
+    `fn(outputs, targets)`. `name` is what reports and `SymmetrySet.meta["loss"]` show. Build one with the
+    class methods, or let `as_loss_spec` convert a string or a callable.
     """
 
     kind: LossKind
     name: str
     fn: Callable[..., Tensor] | None = None
     takes_targets: bool = False
-    class_dim: int = 1
+    class_dim: int | None = None
+    target_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_KINDS:
@@ -137,15 +144,35 @@ class LossSpec:
             what = "needs a callable fn" if self.kind == "custom" else "takes no fn"
             raise LossSpecError(f"a {self.kind!r} LossSpec {what}",
                                 "use LossSpec.of_outputs(fn) or LossSpec.of_outputs_and_targets(fn) for your own loss")
-        if not isinstance(self.class_dim, int):
-            raise LossSpecError(f"class_dim must be an int, got {type(self.class_dim).__name__}", "e.g. class_dim=-1")
+        if self.class_dim is not None and not isinstance(self.class_dim, int):
+            raise LossSpecError(f"class_dim must be an int or None, got {type(self.class_dim).__name__}",
+                                "e.g. class_dim=-1")
+        if not isinstance(self.target_offset, int) or self.target_offset < 0 or (
+                self.target_offset and self.kind != "softmax"):
+            raise LossSpecError(f"target_offset must be an int >= 0 of a softmax loss, got {self.target_offset!r}",
+                                "use LossSpec.next_token(shift=True) for targets aligned with the inputs")
 
     # -- constructors ------------------------------------------------------------------------------------------
 
     @classmethod
-    def cross_entropy(cls, *, class_dim: int = 1, name: str = "cross_entropy") -> LossSpec:
-        """Softmax cross-entropy over axis `class_dim` of the logits (1: (N, C, ...); -1: token logits (B, T, V))."""
+    def cross_entropy(cls, *, class_dim: int | None = None, name: str = "cross_entropy") -> LossSpec:
+        """Softmax cross-entropy over axis `class_dim` of the logits (None: the `class_axis` rule; 1: (N, C, ...);
+        -1: token logits (B, T, V))."""
         return cls("softmax", name, class_dim=class_dim)
+
+    @classmethod
+    def next_token(cls, *, shift: bool = False, name: str | None = None) -> LossSpec:
+        """Next-token loss over token logits (B, T, V) (softmax over V). shift=False ("next_token"): targets (B, T)
+        are the next token ids, position t scored against target t; shift=True ("causal_lm"): targets aligned with
+        the inputs (labels = input_ids), position t scored against target t + 1."""
+        if shift:
+            return cls("softmax", name or "causal_lm", class_dim=-1, target_offset=1)
+        return cls("softmax", name or "next_token", class_dim=-1)
+
+    @classmethod
+    def masked_token(cls, *, name: str = "masked_token") -> LossSpec:
+        """Masked LM loss: logits (B, T, V) against targets (B, T), -100 where no token is predicted."""
+        return cls("softmax", name, class_dim=-1)
 
     @classmethod
     def plain(cls, name: str = "mse") -> LossSpec:
@@ -166,16 +193,54 @@ class LossSpec:
     # -- what each entry point reads ---------------------------------------------------------------------------
 
     def logits(self, outputs: Any) -> Tensor:
-        """The tensor a softmax loss reads (`first_tensor`)."""
+        """The tensor a softmax loss reads (`outputs.locate_logits`), before any position is sliced off."""
         return first_tensor(outputs)
+
+    def axis(self, logits: Tensor) -> int:
+        """The class axis this loss takes the softmax over, for these logits (`class_axis`)."""
+        return class_axis(logits.ndim, self.class_dim, self.name)
+
+    def _scored_axis(self, logits: Tensor) -> int:
+        """`axis` for logits a loss scores (certify, check_constraints): 0-d logits are refused."""
+        if logits.ndim == 0:
+            raise LossSpecError(f"{self.name} needs outputs of shape (N, C, ...), got ()",
+                                "pass loss='mse' or a callable loss")
+        return self.axis(logits)
+
+    def _seq_axis(self, logits: Tensor) -> int:
+        seq = self.axis(logits) - 1
+        if logits.ndim < 2 or seq < 0 or logits.shape[seq] <= self.target_offset:
+            raise LossSpecError(
+                f"loss {self.name!r} scores position t against the target at t + {self.target_offset}, which needs "
+                f"logits (B, T, V) with T > {self.target_offset}; got shape {tuple(logits.shape)}",
+                "feed sequences of at least two tokens, or use loss='next_token' with targets already shifted")
+        return seq
+
+    def scored_leaf(self, outputs: Any) -> Leaf:
+        """The logits the softmax loss scores, with their path: for next-token, all positions but the last."""
+        path, z = locate_logits(outputs)
+        if self.target_offset:
+            seq = self._seq_axis(z)
+            z = z.narrow(seq, 0, z.shape[seq] - self.target_offset)
+            path += "[" + ":, " * seq + f":-{self.target_offset}]"
+        return path, z
+
+    def _scored_shape(self, outputs: Any) -> tuple[str, tuple[int, ...]]:
+        """`scored_leaf`'s path and shape, computed from shapes alone (no op is run: safe inside a trace)."""
+        path, z = locate_logits(outputs)
+        shape = [int(n) for n in z.shape]
+        if self.target_offset:
+            seq = self._seq_axis(z)
+            shape[seq] -= self.target_offset
+            path += "[" + ":, " * seq + f":-{self.target_offset}]"
+        return path, tuple(shape)
 
     def captured(self) -> Callable[[Any], Tensor] | None:
         """What find_symmetries traces after the model: outputs -> scalar, or None for the outputs themselves."""
         if self.kind == "plain":
             return None
         if self.kind == "softmax":
-            class_dim = self.class_dim
-            return lambda out: softmax_loss(out, class_dim)
+            return self._stand_in
         if self.takes_targets:
             raise LossSpecError(
                 f"loss {self.name!r} takes (outputs, targets); find_symmetries captures a loss of the outputs alone",
@@ -183,20 +248,47 @@ class LossSpec:
             )
         return self.fn
 
-    def observed(self, outputs: Any) -> list[Tensor]:
-        """The output tensors the loss reads, which certify compares: the logits for a softmax loss, every
-        output tensor otherwise."""
+    def _stand_in(self, outputs: Any) -> Tensor:
+        """sum(log_softmax(z, class axis)) over the scored logits z (see the module docstring)."""
+        z = self.scored_leaf(outputs)[1]
+        return F.log_softmax(z, dim=self.axis(z)).sum()
+
+    def reads(self, outputs: Any, loss: Callable[[Any], Tensor] | None = None) -> list[Leaf]:
+        """The output tensors the loss reads, with their paths (what certify compares).
+
+        softmax: the scored logits; plain: every floating output tensor; custom: the floating output tensors
+        `loss` (the bound loss, default `fn` for a loss of the outputs alone) depends on (`read_leaves`).
+        """
         if self.kind == "softmax":
-            return [self.logits(outputs)]
-        return output_tensors(outputs)
+            return [self.scored_leaf(outputs)]
+        if self.kind == "plain":
+            return _floating_leaves(outputs)
+        if loss is None and not self.takes_targets:
+            loss = self.fn
+        return read_leaves(outputs, loss) if loss is not None else _floating_leaves(outputs)
+
+    def observed(self, outputs: Any) -> list[Tensor]:
+        """The output tensors certify compares (`reads`; for a custom loss of targets: every floating output)."""
+        return [t for _, t in self.reads(outputs)]
+
+    def describe(self, outputs: Any) -> str:
+        """The loss in words, for reports: its name and, for a softmax loss, the axis and positions it scores
+        (from shapes alone: capture calls it inside the trace)."""
+        if self.kind != "softmax":
+            return self.name
+        path, shape = self._scored_shape(outputs)
+        text = f"{self.name}: softmax over axis {class_axis(len(shape), self.class_dim, self.name)} of {path} {shape}"
+        if self.target_offset:
+            text += f", position t scored against target t + {self.target_offset}"
+        return text
 
     def bind(self, targets: Any = None, *, like: Any = None, generator: torch.Generator | None = None
              ) -> Callable[[Any], Tensor]:
         """outputs -> scalar loss with the targets fixed (certify compares it, check_constraints differentiates it).
 
         targets=None: seeded random targets shaped after `like` (an output of the model) drawn from `generator`
-        (class indices over the class axis for a softmax loss, standard normal for mse); a custom
-        loss(outputs, targets) needs real targets. With `like`, given targets are moved to its device
+        (class indices over the class axis at every position for a softmax loss, standard normal for mse); a
+        custom loss(outputs, targets) needs real targets. With `like`, given targets are moved to its device
         (and, for mse or a custom loss, floating targets to its dtype).
         """
         if self.kind == "softmax":
@@ -217,7 +309,9 @@ class LossSpec:
     def _bind_softmax(self, targets: Any, like: Any, generator: torch.Generator | None) -> Callable[[Any], Tensor]:
         if like is not None:
             z0 = self.logits(like)
-            axis = _class_axis(z0, self.class_dim, self.name)
+            axis = self._scored_axis(z0)
+            if self.target_offset:
+                self._seq_axis(z0)
             if targets is None:
                 if generator is None:
                     raise LossSpecError("random targets need a generator", "pass generator=torch.Generator()")
@@ -226,28 +320,60 @@ class LossSpec:
             targets = targets.to(z0.device)
         elif targets is None:
             raise LossSpecError(f"loss {self.name!r} needs targets", "pass the batch as (inputs, targets)")
-        t, class_dim, name = targets, self.class_dim, self.name
+        t: Tensor = targets
 
         def cross_entropy(out: Any) -> Tensor:
             z = self.logits(out)
-            axis = _class_axis(z, class_dim, name)
-            return F.cross_entropy(z if z.ndim == 1 or axis == 1 else z.movedim(axis, 1), t)
+            axis, y = self._scored_axis(z), t
+            if self.target_offset:
+                seq = self._seq_axis(z)
+                want = (*z.shape[:axis], *z.shape[axis + 1 :])
+                if tuple(y.shape) != want:
+                    raise LossSpecError(
+                        f"loss {self.name!r} takes targets {want} aligned with the logits {tuple(z.shape)} (position "
+                        f"t is scored against target t + {self.target_offset}), got {tuple(y.shape)}",
+                        "pass the token ids themselves (the labels before shifting), e.g. targets = input_ids")
+                z = z.narrow(seq, 0, z.shape[seq] - self.target_offset)
+                y = y.narrow(seq, self.target_offset, y.shape[seq] - self.target_offset)
+            return F.cross_entropy(z if z.ndim == 1 or axis == 1 else z.movedim(axis, 1), y,
+                                   ignore_index=IGNORE_INDEX)
 
         return cross_entropy
 
     def _bind_plain(self, targets: Any, like: Any, generator: torch.Generator | None) -> Callable[[Any], Tensor]:
         name = self.name
         if like is not None:
-            out0 = _single_tensor(like, name)
+            outs = [x for _, x in _floating_leaves(like)]
+            if not outs:
+                raise LossSpecError(f"loss={name!r} needs the model to return floating tensors, got "
+                                    f"{type(like).__name__} without any", "pass loss=callable(outputs) -> scalar")
             if targets is None:
                 if generator is None:
                     raise LossSpecError("random targets need a generator", "pass generator=torch.Generator()")
-                targets = torch.randn(out0.shape, generator=generator, dtype=out0.dtype).to(out0.device)
-            targets = targets.to(device=out0.device, dtype=out0.dtype)
+                targets = [torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device) for o in outs]
+            ts = _target_list(targets, len(outs), name)
+            targets = [y.to(device=o.device, dtype=o.dtype) for y, o in zip(ts, outs, strict=True)]
         elif targets is None:
             raise LossSpecError(f"loss {name!r} needs targets", "pass the batch as (inputs, targets)")
-        t = targets
-        return lambda out: F.mse_loss(_single_tensor(out, name), t)
+        fixed = targets
+
+        def mse(out: Any) -> Tensor:
+            outs = [x for _, x in _floating_leaves(out)]
+            ts = _target_list(fixed, len(outs), name)
+            return sum((F.mse_loss(o, y) for o, y in zip(outs[1:], ts[1:], strict=True)), F.mse_loss(outs[0], ts[0]))
+
+        return mse
+
+
+def _target_list(targets: Any, n: int, name: str) -> list[Tensor]:
+    """mse targets as one tensor per floating output tensor (a tensor for a single output, a sequence otherwise)."""
+    ts = [targets] if isinstance(targets, Tensor) else list(targets) if isinstance(targets, Sequence) else None
+    if ts is None or len(ts) != n or not all(isinstance(y, Tensor) for y in ts):
+        got = type(targets).__name__ if ts is None else f"{len(ts)} target(s)"
+        raise LossSpecError(f"loss={name!r} compares {n} output tensor(s) with their targets, got {got}",
+                            "pass one target tensor per floating output tensor (a list, in output order), or "
+                            "loss=callable(outputs, targets)")
+    return ts
 
 
 LossLike = str | Callable[..., Any] | LossSpec | None
@@ -256,11 +382,13 @@ LossLike = str | Callable[..., Any] | LossSpec | None
 NAMED_LOSSES: dict[str, LossSpec] = {
     "cross_entropy": LossSpec.cross_entropy(),
     "softmax": LossSpec.cross_entropy(name="softmax"),
+    "next_token": LossSpec.next_token(),
+    "causal_lm": LossSpec.next_token(shift=True),
+    "masked_token": LossSpec.masked_token(),
     "mse": LossSpec.plain("mse"),
     "none": LossSpec.plain("none"),
 }
-"""The losses a string names (lower-case). Token-level variants (next-token, masked-token cross-entropy) are
-added here as LossSpecs when they exist."""
+"""The losses a string names (lower-case)."""
 
 
 def as_loss_spec(loss: LossLike, *, targets_by_default: bool = False) -> LossSpec:

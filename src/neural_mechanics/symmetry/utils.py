@@ -13,6 +13,8 @@ nothing from the package but `errors`, so every layer above may use it.
   `cast_inputs(args, dtype, device)`: floating tensors to the copy's dtype, integer tensors (token ids)
   only moved.
 * `fixed_rng(seed, device)`: the same dropout masks in every evaluation, the caller's RNG restored.
+* `quiet_logs()`: torch's tracing loggers silenced while a capture is attempted (a failed fake-tensor trace
+  logs its traceback before the capture reports a clean error or succeeds another way).
 * `KeepFloat64`: inside the float64 copy's forward, casts to a lower floating precision (an RMS norm's
   `x.to(torch.float32)`, `softmax(..., dtype=torch.float32)`) stay in float64, so that what remains is float64
   rounding, not float32's.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -54,6 +57,7 @@ __all__ = [
     "fixed_rng",
     "model_device",
     "parameter_dict",
+    "quiet_logs",
     "working_copy",
 ]
 
@@ -103,6 +107,33 @@ def fixed_rng(seed: int, device: torch.device | None) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+TRACING_LOGGERS = ("torch._subclasses", "torch.fx.experimental", "torch._dynamo", "torch._export", "torch.export",
+                   "torch._functorch")
+"""Loggers of torch's tracing machinery. A trace that fails under fake tensors makes
+`torch._subclasses.fake_tensor` log the whole traceback at ERROR level ("failed while attempting to run meta
+for aten.mm.default"), before the capture falls back to a real trace or reports a clean error of its own."""
+
+
+@contextlib.contextmanager
+def quiet_logs(prefixes: Sequence[str] = TRACING_LOGGERS) -> Iterator[None]:
+    """Silence the loggers named by `prefixes` and their children for the block (levels restored afterwards).
+
+    Each logger's level is raised above CRITICAL, so its records are not even created; existing child loggers
+    with their own level (torch._logging sets some) are raised too.
+    """
+    manager = logging.Logger.manager
+    names = {n for n in manager.loggerDict if any(n == p or n.startswith(p + ".") for p in prefixes)}
+    loggers = [logging.getLogger(n) for n in sorted(names | set(prefixes))]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def eval_mode_batchnorms(model: nn.Module) -> list[str]:

@@ -47,7 +47,8 @@ class Run:
 
     @property
     def symmetries(self) -> SymmetrySet:
-        return SymmetrySet.from_json(json.dumps(self.manifest.get("symmetries") or []))
+        return SymmetrySet.from_json(json.dumps({"symmetries": self.manifest.get("symmetries") or [],
+                                                 "meta": self.manifest.get("symmetry_meta") or {}}))
 
     @property
     def status(self) -> str:

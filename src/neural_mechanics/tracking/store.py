@@ -124,6 +124,7 @@ class RunWriter:
             self.manifest["symmetries"] = json.loads(text)
             self._symmetries_json = (self.manifest["symmetries"], text)
             self.groups.add([s.name for s in symmetries], [s.kind for s in symmetries], [s.layer for s in symmetries])
+            self.manifest["symmetry_meta"] = json.loads(json.dumps(symmetries.meta, default=str))  # coverage, loss
         self.manifest.setdefault("invalid", {})
         self.manifest.setdefault("notes", [])
         self._buffers: dict[str, list[pa.Table]] = {t: [] for t in TABLES}

@@ -20,7 +20,10 @@ alpha, nothing else changed) leaves the loss unchanged when every op is consiste
 - anything else is a barrier: its input slots are joined to INVARIANT (tainted) and its output is
   INVARIANT (it does not move under any valid action, since every class feeding it is tainted). An op
   without a rule is a barrier, and counts in `SymmetrySet.meta["blocked_ops"]` when it stops a moving
-  channel (sinks.py holds the softmax sinks and the ops that leak values into Python).
+  channel (sinks.py holds the softmax sinks and the ops that leak values into Python); the coverage report
+  tells those unknown ops (unsupported: teach them with `register_op`) from known barriers, ops that block
+  by their nature (barriers.py: GELU, tanh, fused LSTM/GRU, ...; a rule that decides to block, such as
+  eval-mode BatchNorm or queries and keys that do not pair up).
 
 Parameters that are frozen or used by more than one op never enter a group: a writer or reader whose
 parameter cannot be scaled acts as a barrier for that role.
@@ -31,7 +34,7 @@ arguments by name (args.py), and users teach the engine their own ops with `regi
 docs/extending.md). docs/ops.md lists every record (scripts/ops_table.py writes it from this table).
 """
 
-from neural_mechanics.symmetry.ops import attention, elementwise, index_maps, linear, norms, sinks
+from neural_mechanics.symmetry.ops import attention, barriers, elementwise, index_maps, linear, norms, sinks
 from neural_mechanics.symmetry.ops.args import op_args
 from neural_mechanics.symmetry.ops.registry import (
     ChannelRule,
@@ -48,7 +51,9 @@ from neural_mechanics.symmetry.ops.registry import (
 )
 from neural_mechanics.symmetry.ops.user import READY_RULES, Registration, register_op, unregister_op
 
-FAMILIES = (linear, norms, index_maps, elementwise, attention, sinks)
+barriers.register_known_barriers()  # last, after every family module above has registered its rules
+
+FAMILIES = (linear, norms, index_maps, elementwise, attention, sinks, barriers)
 """The modules that register the builtin rules (importing this package fills the table)."""
 
 __all__ = [
