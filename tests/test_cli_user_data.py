@@ -213,6 +213,12 @@ def test_a_token_model_through_symmetries_check_and_train(project, tmp_path, mon
     assert found.counts() == {"translation": 13, "scale": 1, "rescale": 20}
     code, out, err = nmech(monkeypatch, capsys, "symmetries", spec, *token_args)
     assert code == 0 and "all actions leave the loss unchanged" in out, err
+    # without --loss, cross_entropy takes the vocabulary (last) axis of the token logits: the same 13 translations;
+    # the sequence axis (an explicit --class-dim 1) would give none
+    code, out, err = nmech(monkeypatch, capsys, "symmetries", spec, *token_args[:-2], "--json")
+    assert code == 0 and SymmetrySet.from_json(out).counts() == found.counts(), err
+    code, out, err = nmech(monkeypatch, capsys, "symmetries", spec, *token_args[:-2], "--class-dim", "1", "--json")
+    assert code == 0 and SymmetrySet.from_json(out).counts()["translation"] == 0, err
     code, out, err = nmech(monkeypatch, capsys, "check", spec, *token_args)
     assert code == 0 and "all constraints hold" in out, err + out
 

@@ -12,7 +12,6 @@ from rich.table import Table
 
 from ..errors import NMechError
 from ..experiments.checks import check_model
-from ..experiments.objectives import build_objective
 from ..symmetry.certify import certify
 from ..symmetry.coverage import coverage_lines, empty_message
 from ..symmetry.detect import find_symmetries
@@ -29,6 +28,7 @@ from .options import (
     NumClassesOpt,
     VocabOpt,
     example,
+    objective_for,
 )
 
 
@@ -41,7 +41,7 @@ def symmetries(
     num_classes: NumClassesOpt = None,
     overrides: ModelSetOpt = None,
     batch: BatchOpt = 4,
-    loss: LossOpt = "cross_entropy",
+    loss: LossOpt = None,
     class_dim: ClassDimOpt = None,
     eval_mode: EvalOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the groups as a JSON list (the public contract).")
@@ -58,7 +58,7 @@ def symmetries(
 ) -> None:
     """Find every symmetry of MODEL from its computation graph: a table per layer and kind with the coverage (the
     fraction of parameters in groups, the ops that blocked the rest), then certification; or JSON."""
-    objective = build_objective(loss, class_dim)
+    objective = objective_for(loss, class_dim)
     resolved, inputs = example(model, input_shape, input_dtype, vocab, num_classes, batch, seed, eval_mode, overrides)
     net = resolved.model
     found = find_symmetries(net, inputs, loss=objective.spec)
@@ -111,7 +111,7 @@ def check(
     num_classes: NumClassesOpt = None,
     overrides: ModelSetOpt = None,
     batch: BatchOpt = 8,
-    loss: LossOpt = "cross_entropy",
+    loss: LossOpt = None,
     class_dim: ClassDimOpt = None,
     hessian: Annotated[bool, typer.Option("--hessian/--no-hessian", help="Also check the Hessian constraints.")] = True,
     grad_tol: Annotated[float, typer.Option(help="Tolerance on the relative gradient-constraint residual.")] = 1e-6,
@@ -125,7 +125,7 @@ def check(
     pixel or per token; real values for mse). Exits with status 1 when a certified group violates its constraint
     beyond tolerance, and 2 when the model or the options are wrong.
     """
-    objective = build_objective(loss, class_dim)
+    objective = objective_for(loss, class_dim)
     resolved, inputs = example(model, input_shape, input_dtype, vocab, num_classes, batch, seed, overrides=overrides)
     result = check_model(resolved, inputs, hessian=hessian, seed=seed, objective=objective)
     if result.report is None:

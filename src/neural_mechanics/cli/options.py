@@ -9,6 +9,7 @@ import typer
 from ..errors import NMechError
 from ..experiments.checks import load_example
 from ..experiments.hub_models import parse_overrides
+from ..experiments.objectives import Objective, build_objective, get_objective
 from ..experiments.specs import parse_input_dtype
 
 MODEL_HELP = (
@@ -42,14 +43,16 @@ ModelSetOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option("--batch", min=2, help="Example batch size (>= 2 for train-mode BatchNorm).")]
 LossOpt = Annotated[
-    str,
+    str | None,
     typer.Option("--loss", help="What the outputs feed: cross_entropy (softmax over --class-dim; per-pixel "
                  "logits (N, C, H, W) too), next_token (token logits (B, T, V): softmax over the vocabulary) or mse "
-                 "(no softmax, so no translation symmetry)."),
+                 "(no softmax, so no translation symmetry). Default: cross_entropy over the vocabulary (last) axis "
+                 "of token logits (B, T, V), else over axis 1.", show_default=False),
 ]
 ClassDimOpt = Annotated[
     int | None,
-    typer.Option("--class-dim", help="cross_entropy: the axis of the outputs that holds the classes (default 1)."),
+    typer.Option("--class-dim", help="cross_entropy: the axis of the outputs that holds the classes (default: the "
+                 "last axis of token logits (B, T, V), else 1)."),
 ]
 EvalOpt = Annotated[bool, typer.Option("--eval", help="Analyse the model in eval mode (BatchNorm then uses running "
                                        "statistics and has no scale symmetry).")]
@@ -75,3 +78,12 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if not shape or any(s <= 0 for s in shape):
         raise NMechError(f"--input-shape {text!r} must be positive integers", "e.g. --input-shape 3,64,64")
     return shape
+
+
+def objective_for(loss: str | None, class_dim: int | None) -> Objective:
+    """The loss of `symmetries` / `check`: cross_entropy (the default, or named) takes its class axis by the library's
+    rule (`symmetry.loss.class_axis`: the vocabulary axis of token logits) unless --class-dim says otherwise."""
+    if loss is not None and get_objective(loss).name != "cross_entropy":
+        return build_objective(loss, class_dim)
+    return build_objective(None, class_dim)
+

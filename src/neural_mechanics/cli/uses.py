@@ -265,5 +265,5 @@ def completeness_command(
     inputs = resolved.example_inputs(batch, seed=seed)
     found = _certified_groups(net, inputs, seed)
     with console.status(f"Jacobian of {batch} inputs ..."):
-        result = completeness(net, inputs, found, loss=loss, seed=seed)
+        result = completeness(net, inputs, found, loss=loss or "cross_entropy", seed=seed)
     console.print(result.summary(), markup=False, highlight=False)

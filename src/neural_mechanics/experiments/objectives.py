@@ -229,8 +229,16 @@ def get_objective(name: str) -> ObjectiveSpec:
     return spec
 
 
-def build_objective(loss: LossConfig | str = "cross_entropy", class_dim: int | None = None) -> Objective:
-    """The Objective a config section (or a name plus an optional class axis, as the CLI gives them) names."""
+def build_objective(loss: LossConfig | str | None = "cross_entropy", class_dim: int | None = None) -> Objective:
+    """The Objective a config section (or a name plus an optional class axis, as the CLI gives them) names.
+
+    loss None (`nmech symmetries` / `check` without --loss): softmax cross-entropy with the class axis of
+    `symmetry.loss.class_axis` unless class_dim is given: the last axis of token logits (B, T, V), else axis 1.
+    A config's `cross_entropy` keeps axis 1 (a training run states its loss; token logits there need next_token).
+    """
+    if loss is None:
+        return Objective("cross_entropy", LossSpec.cross_entropy(class_dim=class_dim),
+                         "softmax cross-entropy over the class axis (the vocabulary of token logits (B, T, V))")
     name = loss.name if isinstance(loss, LossConfig) else loss
     class_dim = loss.class_dim if isinstance(loss, LossConfig) else class_dim
     spec = get_objective(name)
