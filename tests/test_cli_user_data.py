@@ -302,7 +302,7 @@ def test_the_nmech_script_imports_a_package_from_the_current_directory(project, 
 
 
 @pytest.mark.slow
-def test_llama_on_the_embedded_corpus_with_adamw_tracks_every_kind_and_reports_why_no_predictions(
+def test_llama_on_the_embedded_corpus_with_adamw_tracks_every_kind_and_reports_its_predictions(
         tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "lm"
     code, out, err = nmech(monkeypatch, capsys, "train", "llama-tiny-corpus-adamw", "--set", "steps=12",
@@ -317,9 +317,13 @@ def test_llama_on_the_embedded_corpus_with_adamw_tracks_every_kind_and_reports_w
     assert tracked_kinds(run_dir) == Counter({"translation": 48, "scale": 1, "rescale": 640})
     code, out, err = nmech(monkeypatch, capsys, "report", str(run_dir))
     assert code == 0, err
-    assert "no predictions for this run" in out and "AdamW has no exact theory" in out
+    assert "no predictions for this run" not in out  # AdamW's strategy (issue 14): the exact step identity
     html = (run_dir / "report.html").read_text()
-    assert "No predictions for this run" in html
+    assert "No predictions for this run" not in html
+    assert "adaptive preconditioner breaks the conservation law" in html  # why the exact recurrence is missing
+    assert "exact step identity" in html and "Equilibrium predictions per layer" in html
+    frame = open_run(run_dir).frame()
+    assert frame.loc[frame["valid"], "predicted_breaking"].notna().all()
     for kind in ("translation", "scale", "rescale"):
         assert f"{kind}</td><td class='num'>" in html  # a row per kind in the symmetry summary
     manifest = json.loads((run_dir / "manifest.json").read_text())

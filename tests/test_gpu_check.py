@@ -69,7 +69,11 @@ def test_tracker_hooks_do_not_sync_between_log_steps(llama, small):
     log_found: list[tuple[int, str]] = []
     assert gc.check_host_syncs(small, steps=7, log_every=5, log_found=log_found) == []  # SGD, momentum, wd
     assert gc.check_host_syncs(llama, steps=7, log_every=5, log_found=log_found) == []  # AdamW, bf16 autocast
-    assert log_found == []  # on the CPU the log steps' transfer to the host is no copy at all
+    # on log steps (0 and 5; allowed to sync) only tensors built from per-step numbers (the equilibrium columns'
+    # constants, lift_fresh: a host-to-device copy on a GPU); no scalar read, and the rows' transfer to the host is
+    # no copy at all on the CPU
+    assert {step for step, _ in log_found} <= {0, 5}
+    assert {op for _, op in log_found} <= {"aten.lift_fresh.default"}
 
 
 def test_an_injected_sync_is_found_outside_log_steps_only(small, monkeypatch):
@@ -83,7 +87,8 @@ def test_an_injected_sync_is_found_outside_log_steps_only(small, monkeypatch):
     log_found: list[tuple[int, str]] = []
     found = gc.check_host_syncs(small, steps=7, log_every=5, log_found=log_found)
     assert found == [(k, "aten._local_scalar_dense.default") for k in (1, 2, 3, 4, 6)]  # steps 0 and 5 log
-    assert log_found == [(k, "aten._local_scalar_dense.default") for k in (0, 5)]  # recorded, allowed
+    reads = [(k, op) for k, op in log_found if op != "aten.lift_fresh.default"]
+    assert reads == [(k, "aten._local_scalar_dense.default") for k in (0, 5)]  # recorded, allowed
 
 
 def test_timing_harness_with_a_cpu_clock():

@@ -207,6 +207,7 @@ EXPECTED_PRESETS = {
     "digits-vgg-bn",
     "digits-vgg",
     "mlp-bn",
+    "mlp-bn-matrices",  # Muon: every trainable parameter a matrix (issue 14)
     "mlp",
     "llama-tiny",
 }

@@ -236,15 +236,22 @@ def random_move(params: Mapping[str, Tensor], moved: Mapping[str, Tensor], gener
     """The baseline of an action: theta + u, u Gaussian on the coordinates the action moved (moved != theta),
     scaled to |u| = |moved - theta| (touched parameters only; float32 draws on the CPU in `moved`'s order: u is
     only a direction, its precision does not matter, and float32 draws are about twice as fast)."""
-    disp = {k: moved[k].to(torch.float64) - params[k].to(torch.float64) for k in moved}
-    norm = math.sqrt(sum(float(torch.linalg.vector_norm(d)) ** 2 for d in disp.values()))
+    still: dict[str, Tensor] = {}  # where moved == theta (a bool mask: the displacement itself is not kept)
+    sq = 0.0
+    for k in moved:
+        d = moved[k].to(torch.float64) - params[k].to(torch.float64)
+        sq += float(torch.linalg.vector_norm(d)) ** 2
+        still[k] = d == 0
+        del d
+    norm = math.sqrt(sq)
     z: dict[str, Tensor] = {}
-    for k, d in disp.items():
-        zk = torch.randn(d.shape, generator=generator, dtype=torch.float32).to(device=d.device, dtype=torch.float64)
-        z[k] = zk.masked_fill_(d == 0, 0.0)
+    for k, mask in still.items():
+        zk = torch.randn(mask.shape, generator=generator, dtype=torch.float32).to(device=mask.device,
+                                                                                  dtype=torch.float64)
+        z[k] = zk.masked_fill_(mask, 0.0)
     z_norm = math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in z.values()))
     c = norm / z_norm if z_norm > 0 else 0.0
-    return {k: z[k].mul_(c).add_(params[k]).to(params[k].dtype) for k in disp}
+    return {k: z[k].mul_(c).add_(params[k]).to(params[k].dtype) for k in still}
 
 
 def certify(
@@ -287,7 +294,10 @@ def certify(
     work, notes = working_copy(model, dtype, norm_eps)
     args = cast_inputs(as_args(example_inputs), dtype, device)
     point = generic_point(parameter_dict(work), perturbation=perturbation, seed=seed)
-    params = point.params
+    with torch.no_grad():  # the copy holds the point itself: one float64 set of parameters in memory, not two
+        for name, p in work.named_parameters():
+            p.copy_(point.params[name])
+    point.params = params = parameter_dict(work)
     buffers = dict(work.named_buffers())
     gen = torch.Generator().manual_seed(seed)
 

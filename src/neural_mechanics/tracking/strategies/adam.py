@@ -49,7 +49,9 @@ class AdamStrategy(IdentityStrategy):
         st = self.optimizer.state.get(param)
         if not st or "exp_avg" not in st:
             return None
-        step = _num(st["step"])
+        # the step count stays a tensor where Adam keeps one (on the device when capturable/fused): reading it as a
+        # Python number would make the host wait for the device at every step
+        step = st["step"].to(torch.float64) if isinstance(st["step"], Tensor) else float(st["step"])
         beta1, beta2 = (_num(b) for b in group["betas"])
         v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
         denom = v.sqrt().div_((1 - beta2 ** step) ** 0.5).add_(_num(group["eps"]))

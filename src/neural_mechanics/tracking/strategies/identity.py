@@ -81,6 +81,9 @@ class _Family:
         self.pending: Row | None = None
         self.charge: Tensor | None = None
         """The measured C_k of a log step (the angle's denominator)."""
+        self.tables: dict[tuple[float, ...], Tensor] = {}
+        """Per-group tables of param-group values, by those values: built once, not at every step (a tensor made
+        from Python numbers is a host-to-device copy on a GPU)."""
         self.model: _Model | None = None
 
 
@@ -142,8 +145,13 @@ class IdentityStrategy(Strategy):
 
     # ---- per-group values -------------------------------------------------------------------------------
     def _per_group(self, ch: _Family, values: list[float]) -> Tensor:
-        table = torch.tensor(values, dtype=torch.float64, device=self.device)
-        return table.index_select(0, ch.index.first)
+        """values[i] of param group i, for each group of the family (cached per distinct values)."""
+        key = tuple(values)
+        table = ch.tables.get(key)
+        if table is None:
+            table = ch.tables[key] = torch.tensor(values, dtype=torch.float64, device=self.device).index_select(
+                0, ch.index.first)
+        return table
 
     def _decay(self, ch: _Family) -> Tensor:
         return self._per_group(ch, [decoupled_decay(self.optimizer, pg) for pg in self.optimizer.param_groups])
