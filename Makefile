@@ -32,7 +32,7 @@ browser:
 	  echo "chromium could not be installed: the report-rendering test will be skipped"; }
 
 unit: $(STAMP) browser
-	$(BIN)/pytest -n 2 -q
+	$(BIN)/pytest -n 2 --dist loadgroup -q
 
 test: lint typecheck unit
 
