@@ -22,6 +22,9 @@ channels -> (C, 64, 64), Linear with F inputs -> (F,), ...). `input_shape=` over
 A model whose first layer is an nn.Embedding reads token ids: its example inputs are integers below the
 embedding's row count (`example_input_kind`; `input_dtype=` and `vocab_size=` say so explicitly), and the number
 of tokens per example must come from `input_shape=` or an `input_shape` attribute.
+
+The `package.module:factory` import is experiments/factory_models.py, the example-input kinds (floats or token ids)
+experiments/input_kinds.py; this module resolves the other spellings and is the one entry point, `resolve_model`.
 """
 
 from __future__ import annotations
@@ -29,17 +32,36 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
 
-from neural_mechanics.errors import InputShapeError, ModelSpecError
+from neural_mechanics.errors import ModelSpecError
+from neural_mechanics.experiments.factory_models import infer_input_shape, infer_num_classes, resolve_import
 from neural_mechanics.experiments.hub_models import HF_PREFIX, TIMM_PREFIX, HubModel, resolve_hf, resolve_timm
-from neural_mechanics.experiments.importing import accepts_keyword, import_object
+from neural_mechanics.experiments.input_kinds import (
+    INPUT_DTYPES,
+    dtype_name,
+    example_input_kind,
+    is_token_dtype,
+    parse_input_dtype,
+)
 from neural_mechanics.experiments.models import PRESETS, get_preset
+
+__all__ = [
+    "DEFAULT_IMAGE_SHAPE",
+    "INPUT_DTYPES",
+    "TORCHVISION_INPUT_SHAPES",
+    "TORCHVISION_PREFIX",
+    "ResolvedModel",
+    "example_input_kind",
+    "parse_input_dtype",
+    "resolve_model",
+    "torchvision_input_shape",
+    "torchvision_model_names",
+]
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -165,91 +187,6 @@ def _resolve_torchvision(spec: str, name: str, num_classes: int | None) -> Resol
     )
 
 
-# -- package.module:factory --------------------------------------------------------------------
-
-
-def _default_num_classes(fn: Callable[..., Any]) -> int | None:
-    try:
-        p = inspect.signature(fn).parameters.get("num_classes")
-    except (TypeError, ValueError):
-        return None
-    return p.default if p is not None and isinstance(p.default, int) else None
-
-
-def _call(fn: Callable[..., Any], num_classes: int | None, what: str) -> Any:
-    try:
-        if num_classes is not None and accepts_keyword(fn, "num_classes"):
-            return fn(num_classes=num_classes)
-        return fn()
-    except Exception as exc:
-        raise ModelSpecError(
-            f"{what} raised {type(exc).__name__}: {exc}",
-            "a factory must be callable with no arguments (or with num_classes=...) and return an nn.Module; "
-            "fix the factory or wrap it in one that supplies its arguments",
-        ) from exc
-
-
-def _infer_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """Guess one example's shape from the first parameterised layer in registration order."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return (m.in_channels, 64, 64)
-        if isinstance(m, nn.Conv1d):
-            return (m.in_channels, 128)
-        if isinstance(m, nn.Conv3d):
-            return (m.in_channels, 16, 64, 64)
-        if isinstance(m, nn.Linear):
-            return (m.in_features,)
-        if isinstance(m, nn.Embedding | nn.EmbeddingBag):
-            return None  # token inputs: a float example would be wrong
-    return None
-
-
-def _infer_num_classes(model: nn.Module) -> int | None:
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m.out_features
-    return last
-
-
-def _shape_attr(obj: Any) -> tuple[int, ...] | None:
-    shape = getattr(obj, "input_shape", None)
-    if isinstance(shape, tuple | list) and shape and all(isinstance(s, int) for s in shape):
-        return tuple(shape)
-    return None
-
-
-def _resolve_import(spec: str, num_classes: int | None) -> tuple[nn.Module, tuple[int, ...] | None, int | None]:
-    obj = import_object(spec, ModelSpecError, "model spec")
-    shape = _shape_attr(obj)
-    factory_classes = _default_num_classes(obj) if callable(obj) else None
-    if isinstance(obj, nn.Module):
-        if num_classes is not None:
-            raise ModelSpecError(
-                f"{spec} is an already-built nn.Module, so num_classes={num_classes} cannot be applied",
-                "point the spec at a factory function or the class instead, or drop num_classes",
-            )
-        result: Any = obj
-    elif callable(obj):
-        result = _call(obj, num_classes, spec)
-        if isinstance(result, type) and issubclass(result, nn.Module):
-            factory_classes = _default_num_classes(result) or factory_classes
-            result = _call(result, num_classes, f"{spec}() returned {result.__name__}, and {result.__name__}()")
-    else:
-        raise ModelSpecError(
-            f"{spec} is a {type(obj).__name__}, not a factory, class or nn.Module", "name a function or class"
-        )
-    if not isinstance(result, nn.Module):
-        raise ModelSpecError(
-            f"{spec} returned a {type(result).__name__}, not an nn.Module",
-            "make the factory return a torch.nn.Module (an instance or an nn.Module class)",
-        )
-    shape = _shape_attr(result) or shape
-    classes = num_classes if num_classes is not None else factory_classes
-    return result, shape, classes
-
-
 # -- entry point -------------------------------------------------------------------------------
 
 
@@ -284,11 +221,11 @@ def resolve_model(
         resolved = _resolve_torchvision(spec, spec[len(TORCHVISION_PREFIX) :].strip(), num_classes)
         return _with_inputs(resolved, input_shape, input_dtype, vocab_size)
     if ":" in spec:
-        model, shape, classes = _resolve_import(spec, num_classes)
+        model, shape, classes = resolve_import(spec, num_classes)
         dtype, vocab = example_input_kind(model, input_dtype, vocab_size)
-        shape = input_shape or shape or (None if _is_token_dtype(dtype) else _infer_input_shape(model))
+        shape = input_shape or shape or (None if is_token_dtype(dtype) else infer_input_shape(model))
         if shape is None:
-            tokens = f"token ids (dtype {_dtype_name(dtype)}, vocabulary {vocab})" if vocab is not None else None
+            tokens = f"token ids (dtype {dtype_name(dtype)}, vocabulary {vocab})" if vocab is not None else None
             raise ModelSpecError(
                 f"cannot tell what input {spec} expects "
                 + (f"(it reads {tokens}, but how many per example?)" if tokens else
@@ -298,7 +235,7 @@ def resolve_model(
                 + ", or give the model or factory an `input_shape` attribute",
             )
         if classes is None:
-            classes = _infer_num_classes(model)
+            classes = infer_num_classes(model)
         resolved = ResolvedModel(model, shape, classes, spec, f"{type(model).__name__} from {spec}", dtype, vocab)
         return resolved
     if spec not in PRESETS:
@@ -318,7 +255,7 @@ def _from_hub(spec: str, hub: HubModel, input_shape: tuple[int, ...] | None, inp
               vocab_size: int | None) -> ResolvedModel:
     """A timm or transformers model with its example inputs: token ids below the config's vocabulary unless the
     options say otherwise."""
-    if vocab_size is None and (input_dtype is None or _is_token_dtype(input_dtype)):
+    if vocab_size is None and (input_dtype is None or is_token_dtype(input_dtype)):
         vocab_size = hub.vocab_size
     resolved = ResolvedModel(hub.model, hub.input_shape, hub.num_classes, spec, hub.description)
     return _with_inputs(resolved, input_shape, input_dtype, vocab_size)
@@ -330,75 +267,6 @@ def _with_inputs(resolved: ResolvedModel, input_shape: tuple[int, ...] | None, i
     dtype, vocab = example_input_kind(resolved.model, input_dtype, vocab_size)
     return dataclasses.replace(resolved, input_shape=input_shape or resolved.input_shape, input_dtype=dtype,
                                vocab_size=vocab)
-
-
-# -- example-input kinds -----------------------------------------------------------------------
-
-#: The names `--input-dtype` accepts.
-INPUT_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
-    "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-    "long": torch.long, "int64": torch.long, "int32": torch.int32, "int": torch.int32,
-}  # fmt: skip
-
-
-def parse_input_dtype(name: str) -> torch.dtype:
-    """The dtype `name` (an INPUT_DTYPES key, e.g. float32 or long) stands for; InputShapeError for anything else."""
-    dtype = INPUT_DTYPES.get(name.strip().lower())
-    if dtype is None:
-        raise InputShapeError(f"unknown input dtype {name!r}",
-                              f"use one of {', '.join(INPUT_DTYPES)} (long for token ids)")
-    return dtype
-
-
-def _is_token_dtype(dtype: torch.dtype) -> bool:
-    return not (dtype.is_floating_point or dtype.is_complex)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _first_embedding(model: nn.Module) -> nn.Embedding | nn.EmbeddingBag | None:
-    """The model's first parameterised layer, if it is an embedding (registration order)."""
-    for m in model.modules():
-        if isinstance(m, nn.Embedding | nn.EmbeddingBag):
-            return m
-        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd):
-            return None
-    return None
-
-
-def example_input_kind(model: nn.Module, input_dtype: torch.dtype | None = None, vocab_size: int | None = None
-                       ) -> tuple[torch.dtype, int | None]:
-    """What the example inputs hold: (dtype, vocabulary size for token ids, else None).
-
-    Token ids (an integer dtype) when `input_dtype` is one, when a `vocab_size` is given, or when the model's first
-    parameterised layer is an nn.Embedding; their vocabulary is `vocab_size`, else the embedding's number of rows,
-    else the model's `vocab_size` attribute or `config.vocab_size` (Hugging Face). Float32 otherwise.
-    InputShapeError when token ids are asked for and no vocabulary can be found, or a vocabulary comes with a float
-    dtype.
-    """
-    embedding = _first_embedding(model)
-    if vocab_size is not None and vocab_size < 1:
-        raise InputShapeError(f"--vocab must be >= 1, got {vocab_size}", "pass the vocabulary size, e.g. --vocab 1000")
-    if input_dtype is None:
-        input_dtype = torch.long if vocab_size is not None or embedding is not None else torch.float32
-    if not _is_token_dtype(input_dtype):
-        if vocab_size is not None:
-            raise InputShapeError(f"--vocab {vocab_size} asks for token ids, but the input dtype is "
-                                  f"{_dtype_name(input_dtype)}", "drop --input-dtype, or pass --input-dtype long")
-        return input_dtype, None
-    if vocab_size is None and embedding is not None:
-        vocab_size = int(embedding.num_embeddings)
-    if vocab_size is None:
-        attr = getattr(model, "vocab_size", None) or getattr(getattr(model, "config", None), "vocab_size", None)
-        vocab_size = int(attr) if isinstance(attr, int) and attr > 0 else None
-    if vocab_size is None:
-        raise InputShapeError(f"the example inputs are token ids ({_dtype_name(input_dtype)}) but the vocabulary size "
-                              "is unknown (the model's first layer is not an nn.Embedding)",
-                              "pass it, e.g. --vocab 1000")
-    return input_dtype, vocab_size
 
 
 def _raise_unknown(spec: str) -> NoReturn:
