@@ -38,7 +38,7 @@ Role = Literal["in", "out"]
 Labels = Any  # Tensor | list[Tensor] | None
 
 
-@dataclass
+@dataclass(slots=True)
 class Contribution:
     """Parameter slice `param[index along dim]` writes (role "in") or reads (role "out") `slot`."""
 
@@ -189,6 +189,13 @@ def oriented_classes(a: Analysis, roots: set[int] | None = None) -> dict[int, li
     """
     uf = a.uf
     by_root: dict[int, list[Contribution]] = defaultdict(list)
+    if not uf.signed:  # no anti union: every parity is 0, roles stay as recorded; one root lookup for all slots
+        root_of = uf.roots()
+        for c in a.contributions:
+            r = root_of[c.slot]
+            if r != INVARIANT and (roots is None or r in roots):
+                by_root[r].append(c)
+        return by_root
     orient: dict[int, int] = {}
     for c in a.contributions:
         r, parity = uf.find_parity(c.slot)

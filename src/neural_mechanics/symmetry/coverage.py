@@ -43,18 +43,27 @@ def covered_entries(symmetries: Iterable[Any], shapes: Mapping[str, Sequence[int
     whole: set[str] = set()
     slices: dict[str, dict[int, set[int]]] = {}
     blocks: dict[str, list[tuple[int, tuple[int, ...], int, tuple[int, ...]]]] = {}
+    # first the index tuples per (param, dim), in one cheap pass (a model has ~1e5 members); then the sets
+    picked: dict[tuple[str, int], list[tuple[int, ...]]] = {}
     for s in symmetries:
         for m in s.members:
-            if m.param in whole:
-                continue
             if m.dim is None or m.index is None:
                 whole.add(m.param)
-                continue
-            nd = len(shapes[m.param])
-            if m.sub_dim is not None and m.sub_index is not None:
+            elif m.sub_dim is not None and m.sub_index is not None:
+                nd = len(shapes[m.param])
                 blocks.setdefault(m.param, []).append((m.dim % nd, m.index, m.sub_dim % nd, m.sub_index))
             else:
-                slices.setdefault(m.param, {}).setdefault(m.dim % nd, set()).update(m.index)
+                key = (m.param, m.dim)
+                got = picked.get(key)
+                if got is None:
+                    picked[key] = [m.index]
+                else:
+                    got.append(m.index)
+    for (param, dim), indices in picked.items():
+        if param not in whole:
+            per_dim = slices.setdefault(param, {}).setdefault(dim % len(shapes[param]), set())
+            for idx in indices:
+                per_dim.update(idx)
     out = {p: math.prod(shapes[p]) for p in whole}
     for p in (set(slices) | set(blocks)) - whole:
         shape = tuple(int(n) for n in shapes[p])

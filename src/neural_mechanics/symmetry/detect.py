@@ -125,6 +125,49 @@ def _chain(contribs: list[Contribution], extra: list[str]) -> tuple[str, ...]:
     return tuple(steps)
 
 
+def _simple_class(contribs: list[Contribution], scale: bool, extra: list[str]
+                  ) -> tuple[tuple[Member, ...], tuple[str, ...]] | None:
+    """(members, chain) of a class whose contributions need no merging, in one pass; None for the others.
+
+    No merging: each contribution is one index (or the whole tensor) of a parameter that no other contribution
+    of the same role touches. Then `_members(writers) + _members(readers)` is one member per contribution
+    (writers first) and `_chain` one line per distinct event; this builds exactly those, without the
+    intermediate lists (most rescale classes are like this: a channel and the next layer's input slice).
+    """
+    trusted_member = Member.trusted
+    seen: set[tuple[str, str]] = set()
+    w_members: list[Member] = []
+    r_members: list[Member] = []
+    w_lines: dict[str, str | None] = {}
+    r_lines: dict[str, str | None] = {}
+    for c in contribs:
+        idx, role = c.index, c.role
+        if c.sub is not None or (idx is not None and len(idx) != 1):
+            return None
+        key = (c.param, role)
+        if key in seen:
+            return None
+        seen.add(key)
+        m = trusted_member(c.param, c.dim, idx, None if scale else role)
+        ev = c.event
+        if role == "in":
+            w_members.append(m)
+            lines = w_lines
+        else:
+            r_members.append(m)
+            lines = r_lines
+        if ev in lines:  # the same event twice: _chain merges the indices (rare; done the general way)
+            return None
+        lines[ev] = None if idx is None else str(idx[0])
+    steps = [ev if "{idx}" not in ev else ev.replace("{idx}", "all" if i is None else i) for ev, i in w_lines.items()]
+    if extra:
+        steps += dict.fromkeys(extra)
+    steps += [ev if "{idx}" not in ev else ev.replace("{idx}", "all" if i is None else i) for ev, i in r_lines.items()]
+    if len(steps) > MAX_CHAIN:
+        steps = [*steps[:MAX_CHAIN], f"... ({len(steps) - MAX_CHAIN} more steps)"]
+    return tuple(w_members) + tuple(r_members), tuple(steps)
+
+
 def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
     """One group per channel class with writers (see the module docstring), in order of first contribution.
 
@@ -150,18 +193,23 @@ def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
     unused = 0
     overlaps: list[str] = []
     trusted_member, trusted_group = Member.trusted, Symmetry.trusted
+    no_lines: list[str] = []
     for r, contribs in by_root.items():
         if len(contribs) == 1:
             first = contribs[0]
             if first.role != "in":
                 continue
-            writers, readers = contribs, []
+            has_readers = False
         else:
-            writers = [c for c in contribs if c.role == "in"]
-            if not writers:
+            writer, has_readers = None, False
+            for c in contribs:
+                if c.role != "in":
+                    has_readers = True
+                elif writer is None:
+                    writer = c
+            if writer is None:
                 continue
-            readers = [c for c in contribs if c.role != "in"] if len(writers) != len(contribs) else []
-            first = writers[0]
+            first = writer
         key = keys.get(first.param)
         if key is None:
             key = keys[first.param] = _key(first.param)
@@ -173,10 +221,11 @@ def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
         used[stem] = n + 1
         if n:
             stem = f"{stem}#{n}"
-        if readers and {c.param for c in writers} & {c.param for c in readers}:
+        if has_readers and ({c.param for c in contribs if c.role == "in"}
+                            & {c.param for c in contribs if c.role != "in"}):
             overlaps.append(stem)
             continue
-        if readers:
+        if has_readers:
             kind = "rescale"
         elif r in normalisers:
             kind = "scale"
@@ -186,17 +235,28 @@ def _channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
         layer = layers.get(first.param)
         if layer is None:
             layer = layers[first.param] = module_of(first.param)
-        extra = couplings.get(r, []) + normalisers.get(r, [])
-        if len(contribs) == 1 and first.sub is None and (first.index is None or len(first.index) == 1):
+        coupled = couplings.get(r)
+        extra = normalisers.get(r, no_lines) if coupled is None else coupled + normalisers.get(r, no_lines)
+        idx = first.index
+        if len(contribs) == 1 and first.sub is None and (idx is None or len(idx) == 1):
             # one writer slice: one member, one line for it, then what ties the class (as _members / _chain do)
-            members: tuple[Member, ...] = (trusted_member(first.param, first.dim, first.index, None),)
-            chain = (_fill(first.event, list(first.index or ())), *dict.fromkeys(extra))
+            members: tuple[Member, ...] = (trusted_member(first.param, first.dim, idx, None),)
+            ev = first.event
+            if "{idx}" in ev:
+                ev = ev.replace("{idx}", "all" if idx is None else str(idx[0]))
+            chain = (ev, *dict.fromkeys(extra))
             if len(chain) > MAX_CHAIN:
                 chain = _chain(contribs, extra)
         else:
             scale = kind == "scale"
-            members = _members(writers, scale) + (_members(readers, scale) if readers else ())
-            chain = _chain(contribs, extra)
+            simple = _simple_class(contribs, scale, extra)
+            if simple is not None:
+                members, chain = simple
+            else:
+                writers = [c for c in contribs if c.role == "in"]
+                readers = [c for c in contribs if c.role != "in"]
+                members = _members(writers, scale) + (_members(readers, scale) if readers else ())
+                chain = _chain(contribs, extra)
         groups.append(trusted_group(kind, f"{kind}:{stem}", members, layer, chain))
     meta["unused_classes"] = unused
     if overlaps:

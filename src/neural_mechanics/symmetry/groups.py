@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -38,7 +38,7 @@ Role = Literal["in", "out"]
 Params = Mapping[str, Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Member:
     """A slice of one parameter: `param.index_select(dim, index)`, or the whole tensor."""
 
@@ -70,10 +70,18 @@ class Member:
                 sub_dim: int | None = None, sub_index: tuple[int, ...] | None = None) -> Member:
         """The same member as `Member(...)`, built without `__post_init__`'s checks: for callers whose values are
         valid by construction (int tuples, a valid role; `find_symmetries` builds ~100k members per model)."""
-        m = object.__new__(cls)
-        object.__setattr__(m, "__dict__", {"param": param, "dim": dim, "index": index, "role": role,
-                                           "sub_dim": sub_dim, "sub_index": sub_index})
+        m = _new(cls)
+        set_param, set_dim, set_index, set_role, set_sub_dim, set_sub_index = _MEMBER_SETTERS
+        set_param(m, param)
+        set_dim(m, dim)
+        set_index(m, index)
+        set_role(m, role)
+        set_sub_dim(m, sub_dim)
+        set_sub_index(m, sub_index)
         return m
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:  # pickle / copy through the checked constructor
+        return Member, (self.param, self.dim, self.index, self.role, self.sub_dim, self.sub_index)
 
     def _sub_dim(self, ndim: int) -> int | None:
         return None if self.sub_dim is None else self.sub_dim % ndim
@@ -183,7 +191,7 @@ def _short_index(index: tuple[int, ...] | None) -> str:
     return ",".join(map(str, index[:3])) + f",...({len(index)} indices)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Symmetry:
     """One symmetry group: a kind, a unique name and the parameter slices it acts on."""
 
@@ -214,10 +222,17 @@ class Symmetry:
     def trusted(cls, kind: str, name: str, members: tuple[Member, ...], layer: str, chain: tuple[str, ...]) -> Symmetry:
         """The same group as `Symmetry(...)`, built without `__post_init__`'s checks: for callers whose values are
         valid by construction (a known kind, tuples, a layer, A1 members for a rescale group)."""
-        s = object.__new__(cls)
-        object.__setattr__(s, "__dict__", {"kind": kind, "name": name, "members": members, "layer": layer,
-                                           "chain": chain})
+        s = _new(cls)
+        set_kind, set_name, set_members, set_layer, set_chain = _SYMMETRY_SETTERS
+        set_kind(s, kind)
+        set_name(s, name)
+        set_members(s, members)
+        set_layer(s, layer)
+        set_chain(s, chain)
         return s
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:  # pickle / copy through the checked constructor
+        return Symmetry, (self.kind, self.name, self.members, self.layer, self.chain)
 
     # ---- reference (dense) mathematics -------------------------------------------------------
     @property
@@ -315,6 +330,13 @@ class Symmetry:
             layer=str(d.get("layer") or ""),
             chain=tuple(d.get("chain") or ()),
         )
+
+
+_new = object.__new__
+_MEMBER_SETTERS = tuple(getattr(Member, f.name).__set__ for f in fields(Member))
+_SYMMETRY_SETTERS = tuple(getattr(Symmetry, f.name).__set__ for f in fields(Symmetry))
+"""The slot descriptors' setters, in field order: how the `trusted` constructors fill a frozen, slotted instance
+(as fast as filling a `__dict__`, with one object per member instead of two)."""
 
 
 class SymmetrySet(Sequence[Symmetry]):

@@ -121,10 +121,13 @@ def quiet_logs(prefixes: Sequence[str] = TRACING_LOGGERS) -> Iterator[None]:
     """Silence the loggers named by `prefixes` and their children for the block (levels restored afterwards).
 
     Each logger's level is raised above CRITICAL, so its records are not even created; existing child loggers
-    with their own level (torch._logging sets some) are raised too.
+    with their own level (torch._logging sets some) are raised too. Children without a level of their own
+    inherit the raised level and are left alone (every `setLevel` clears the cache of every logger).
     """
     manager = logging.Logger.manager
-    names = {n for n in manager.loggerDict if any(n == p or n.startswith(p + ".") for p in prefixes)}
+    names = {n for n, lg in manager.loggerDict.items()
+             if isinstance(lg, logging.Logger) and lg.level != logging.NOTSET
+             and any(n.startswith(p + ".") for p in prefixes)}
     loggers = [logging.getLogger(n) for n in sorted(names | set(prefixes))]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
