@@ -10,7 +10,8 @@ For each model (torchvision, random weights, train mode, 1000 classes), a batch 
 `--repeats` times each, interleaved round by round so that machine drift hits both alike, after one untimed
 call of each (the first detection pays one-off imports and dispatcher warm-up and is reported separately).
 The ratio of the medians, detection / forward+backward, is the figure against the target (<= 1x). Then the
-detection split into its phases (graph capture, op rules, channel groups, translation groups), and `certify`
+detection split into its phases (graph capture, op rules, channel groups, translation groups, coverage, the
+garbage collector's pass at the end of the pause), and `certify`
 once (float64 copy, all groups at once per kind plus `--sample` single groups per kind). Times are wall-clock
 seconds on this process's threads; on a shared machine run it when the cores are idle (`uptime`), other load
 inflates every number (the ratio less so: both sides are measured in the same rounds).
@@ -19,6 +20,7 @@ inflates every number (the ratio less so: both sides are measured in the same ro
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from neural_mechanics.symmetry import detect
+from neural_mechanics.symmetry import assembly, detect
 from neural_mechanics.symmetry.capture import capture
 from neural_mechanics.symmetry.certify import certify
 from neural_mechanics.symmetry.rules import run_rules
@@ -41,11 +43,18 @@ def phases(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
         t1 = time.perf_counter()
         a = run_rules(cap)
         t2 = time.perf_counter()
-        detect._channel_groups(a, {})
+        groups = assembly.channel_groups(a, {})
         t3 = time.perf_counter()
-        detect._translation_groups(a)
+        groups += assembly.translation_groups(a)
         t4 = time.perf_counter()
-    out.update(capture=t1 - t0, rules=t2 - t1, channel_groups=t3 - t2, translation_groups=t4 - t3)
+        detect._coverage(a, groups, model)
+        t5 = time.perf_counter()
+        del a, cap
+        gc.collect(0)  # what the end of the pause costs: one generation-0 pass over the new group objects
+        t6 = time.perf_counter()
+        del groups
+    out.update(capture=t1 - t0, rules=t2 - t1, channel_groups=t3 - t2, translation_groups=t4 - t3,
+               coverage=t5 - t4, gc_after=t6 - t5)
     return out
 
 

@@ -28,7 +28,7 @@ from neural_mechanics.symmetry.analysis import (
     shape_of,
 )
 from neural_mechanics.symmetry.graph import compress, invariant_label, live, per_index, taint, union_pairs
-from neural_mechanics.symmetry.groups import _short_index
+from neural_mechanics.symmetry.member import short_index
 from neural_mechanics.symmetry.ops.args import op_args
 from neural_mechanics.symmetry.ops.registry import Flag, canonical, register
 
@@ -230,7 +230,7 @@ def _conv(a: Analysis, node: Node, transposed: bool) -> Labels:
                 if s > 0:
                     d, idx, sub = reader_slice(k)
                     if sub is not None:
-                        text = f"weight[{_short_index(idx)}, {sub[1][0]}] of group {k // wshape[1]}"
+                        text = f"weight[{short_index(idx)}, {sub[1][0]}] of group {k // wshape[1]}"
                     else:
                         text = "weight[:, {idx}]" if d == 1 else "weight[{idx}]"
                     a.contributions.append(Contribution(s, wname, d, idx, "out",
