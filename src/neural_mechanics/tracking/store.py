@@ -49,7 +49,7 @@ import torch
 
 from neural_mechanics.errors import RunStoreError
 from neural_mechanics.symmetry.groups import SymmetrySet
-from neural_mechanics.tracking.encoding import FRAME_COLUMNS, encode
+from neural_mechanics.tracking.encoding import FRAME_COLUMNS, encode, group_major
 from neural_mechanics.tracking.layout import (
     GROUP_TABLE,
     LAYER_COLUMNS,
@@ -194,6 +194,8 @@ class RunWriter:
             table = pa.concat_tables(self._buffers[t])
             if t == "steps":
                 table = last_per_step(table)
+            elif t == "charges":
+                table = group_major(table)
             atomic_write_table(self.dir / t / f"part-{self._next[t]:06d}.parquet", table, OPTIONS[t])
             self._next[t] += 1
             self._buffers[t] = []
