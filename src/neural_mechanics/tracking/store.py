@@ -12,7 +12,8 @@ Layout of a run directory (schema version 2)::
 
 `open_run(dir).frame()` (`reader.py`) joins groups, charges and steps back into the long form of docs/contract.md;
 how the columns are stored - integer group ids into a table kept once, the lr per step, float32 where a column's
-precision budget allows and float64 where comparisons at 1e-10 need it - is `encoding.py`; file names, schemas and
+precision budget allows and float64 where comparisons at 1e-10 need it, each value's significand rounded to the bits
+its budget keeps (`precision.py`), parts written group-major - is `encoding.py`; file names, schemas and
 atomic writes are `layout.py`. Runs of schema version 1 kept the long form itself in `groups/part-*.parquet`; they
 still open, and a version-1 run resumed by this version gets its new rows in version 2 beside them.
 
