@@ -1,4 +1,5 @@
-"""Bytes on disk per logged step of the run store, for the paper's VGG-16-BN (11,521 groups): target <= 0.3 MB.
+"""Bytes on disk per logged step of the run store, for the paper's VGG-16-BN (11,521 groups): target <= 0.3 MB; and
+what a full paper run's directory holds at its end: target <= 1 GB.
 
     .venv/bin/python benchmarks/store_size.py [--steps 20] [--batch 8] [--flush 20] [--threads 1]
 
@@ -9,33 +10,55 @@ run logs every 10 steps and flushes every 200: 20 logged steps per part). The sa
 are written in the previous layout (schema version 1: the long form, strings and twelve float64 columns per row,
 pyarrow's default options) with the same parts, so both formats are measured on identical values in one run.
 
-Printed: MB per logged step of each format (the per-row tables; groups.parquet and manifest.json are written once
-per run and reported apart), their ratio, the verdict against the target, what a full paper run (39k steps, log
-every 10) would take, and the stored bytes per row of every column of the charges table.
+The run directory is filled as `nmech train` fills it: the training loop's "train" metrics (loss, accuracy, lr) at
+every logged step, the parameter trace (`param_trace.parquet`, one sample per logged step), the step-0 constraint
+check (`constraints.parquet`), the checkpoint (`checkpoint.pt`: model, optimizer, tracker state; one file, replaced
+at each save, so one stays on disk) and the report (`report.html`).
+
+Printed: MB per logged step of each format (the per-row tables), their ratio, the verdict against the target, the
+stored bytes per row of every column of the charges table, and the projected size of the full paper run: the
+config `vgg16-bn-tinyimagenet-momentum0.9` (the other VGG-16-BN configs have the same steps and logging) runs
+100 epochs of 100,000 // 256 = 390 steps (drop_last, as `experiments/train.py` loads) = 39,000 steps, logged where
+the tracker logs (every 10th step, the log-spaced early steps, the final state): every per-logged-step file
+(charges, steps, layers, metrics, the parameter trace) scaled by that count, plus the files written once (manifest,
+group table, checkpoint, constraints, report) as measured here.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from neural_mechanics.constraints.check import check_constraints
+from neural_mechanics.experiments.checkpoint import atomic_save
+from neural_mechanics.experiments.config import TrainConfig, load_config
 from neural_mechanics.experiments.models import vgg16
+from neural_mechanics.experiments.objectives import build_objective
+from neural_mechanics.plots.report import write_report
 from neural_mechanics.symmetry.detect import find_symmetries
+from neural_mechanics.tracking.param_trace import ParamTrace
 from neural_mechanics.tracking.sinks import Sink
-from neural_mechanics.tracking.store import open_run
-from neural_mechanics.tracking.tracker import Tracker
+from neural_mechanics.tracking.store import atomic_write_table, open_run
+from neural_mechanics.tracking.tracker import Tracker, _is_spaced
 
 TARGET_MB = 0.3
-PAPER_LOGGED_STEPS = 39_000 // 10
+TARGET_RUN_GB = 1.0
+PAPER_CONFIG = "vgg16-bn-tinyimagenet-momentum0.9"
+TINY_IMAGENET_TRAIN = 100_000
+"""Training images of Tiny ImageNet (200 classes x 500)."""
+PER_LOGGED_STEP = ("charges", "steps", "layers", "metrics", "param_trace.parquet")
+ONCE = ("manifest.json", "groups.parquet", "checkpoint.pt", "constraints.parquet", "report.html")
 V1_TYPES = {"step": pa.int64(), "group": pa.string(), "kind": pa.string(), "layer": pa.string(), "valid": pa.bool_()}
 V1_COLUMNS = ["step", "group", "kind", "layer", "measured", "predicted_exact", "predicted_breaking", "predicted_paper",
               "breaking", "breaking_term", "lr", "norm", "grad_norm", "angular_update", "valid"]
@@ -75,6 +98,22 @@ def table_bytes(run_dir: Path, tables: tuple[str, ...]) -> dict[str, int]:
     return {t: sum(p.stat().st_size for p in (run_dir / t).glob("part-*.parquet")) for t in tables}
 
 
+def file_bytes(run_dir: Path, names: tuple[str, ...]) -> dict[str, int]:
+    """Bytes of each file, or of each table directory's part files."""
+    return {n: (run_dir / n).stat().st_size if (run_dir / n).is_file() else table_bytes(run_dir, (n,))[n]
+            for n in names}
+
+
+def paper_run(cfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps, logged steps) of a full run of `cfg` on Tiny ImageNet: drop_last batches per epoch as
+    `experiments/train.py` loads them; logged where the tracker logs (`Tracker._is_log_step`: every log_every-th
+    step and, with log_spaced, the log-spaced early ones), the final state included (`Tracker.close`)."""
+    total = (TINY_IMAGENET_TRAIN // cfg.batch_size) * int(cfg.epochs or 0) if cfg.steps is None else cfg.steps
+    t = cfg.tracker
+    logged = sum(1 for k in range(total + 1) if k % t.log_every == 0 or (t.log_spaced and _is_spaced(k)))
+    return total, logged
+
+
 def column_bytes(run_dir: Path, table: str) -> dict[str, int]:
     """Compressed bytes per column over every part of a table (Parquet column-chunk metadata)."""
     out: dict[str, int] = {}
@@ -102,22 +141,38 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     rec = Recorder()
     root = Path(tempfile.mkdtemp(prefix="nm-store-size-"))
+    run_dir = root / "new"
     t0 = time.perf_counter()
-    with Tracker(model, opt, syms, root / "new", log_every=1, flush_every=args.flush, sink=rec):
-        for _ in range(args.steps):
+    with Tracker(model, opt, syms, run_dir, log_every=1, flush_every=args.flush, sink=rec) as tracker:
+        writer = tracker.writer
+        assert writer is not None
+        trace = ParamTrace(model, opt, syms, every=1)
+        for k in range(args.steps):
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            loss.backward()
             opt.step()
+            acc = float((logits.argmax(1) == y).float().mean())
+            writer.append("metrics", {"step": [k + 1] * 3, "split": ["train"] * 3, "name": ["loss", "accuracy", "lr"],
+                                      "value": [float(loss.detach()), acc, 0.1]})  # as TrainMetrics logs them
+        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "tracker": tracker.state_dict()},
+                    run_dir / "checkpoint.pt")
     train_s = time.perf_counter() - t0
+    trace.close()
+    trace.save(run_dir)
+    report = check_constraints(model, build_objective("cross_entropy").spec, (x, y), syms, hessian=False)
+    atomic_write_table(run_dir / "constraints.parquet", pa.Table.from_pandas(report.to_frame(), preserve_index=False))
+    t1 = time.perf_counter()
+    write_report(run_dir, constraints=report, param_trace=pd.read_parquet(run_dir / "param_trace.parquet"))
+    report_s = time.perf_counter() - t1
     write_v1(root / "old", rec, args.flush)
     logged = len(rec.groups)
-    new = table_bytes(root / "new", ("charges", "steps", "layers"))
+    new = table_bytes(run_dir, ("charges", "steps", "layers"))
     old = table_bytes(root / "old", ("groups", "layers"))
     new_mb, old_mb = sum(new.values()) / logged / 1e6, sum(old.values()) / logged / 1e6
-    frame = open_run(root / "new").frame()
+    frame = open_run(run_dir).frame()
     assert len(frame) == logged * len(syms), "the store lost rows"
-    once = {"groups.parquet": (root / "new" / "groups.parquet").stat().st_size,
-            "manifest.json": (root / "new" / "manifest.json").stat().st_size}
     c = syms.counts()
     print(f"VGG-16-BN (Tiny ImageNet variant): {len(syms)} groups (translation {c['translation']}, scale {c['scale']}, "
           f"rescale {c['rescale']}); {logged} logged steps of training (batch {args.batch}, {train_s:.0f} s), "
@@ -127,13 +182,27 @@ def main() -> None:
           + ", ".join(f"{t} {b / logged / 1e6:.4f}" for t, b in new.items()))
     print(f"  old layout (schema 1): {old_mb:.3f} MB per logged step  "
           + ", ".join(f"{t} {b / logged / 1e6:.4f}" for t, b in old.items()))
-    print(f"  old / new: x{old_mb / new_mb:.2f}; a full paper run ({PAPER_LOGGED_STEPS} logged steps): "
-          f"{new_mb * PAPER_LOGGED_STEPS / 1e3:.2f} GB (old {old_mb * PAPER_LOGGED_STEPS / 1e3:.2f} GB)")
-    print("  written once per run: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in once.items()))
+    print(f"  old / new: x{old_mb / new_mb:.2f}")
     rows = logged * len(syms)
-    per_col = column_bytes(root / "new", "charges")
+    per_col = column_bytes(run_dir, "charges")
     print("  charges bytes per row: " + ", ".join(f"{k} {v / rows:.2f}" for k, v in per_col.items())
           + f" (total {sum(per_col.values()) / rows:.2f})")
+
+    cfg = load_config(PAPER_CONFIG)
+    total, paper_logged = paper_run(cfg)
+    per_step = {n: b / logged for n, b in file_bytes(run_dir, PER_LOGGED_STEP).items()}
+    once = file_bytes(run_dir, ONCE)
+    run_bytes = sum(per_step.values()) * paper_logged + sum(once.values())
+    gb = run_bytes / 1e9
+    print(f"full paper run ({PAPER_CONFIG}: {total} steps, {paper_logged} logged: every {cfg.tracker.log_every}th, "
+          f"log-spaced early steps, the final state) = per logged step x {paper_logged} + once:")
+    print("  per logged step: " + ", ".join(f"{n} {b / 1e6:.4f} MB" for n, b in per_step.items())
+          + f" (sum {sum(per_step.values()) / 1e6:.4f} MB) -> {sum(per_step.values()) * paper_logged / 1e9:.3f} GB")
+    print("  once: " + ", ".join(f"{n} {b / 1e6:.2f} MB" for n, b in once.items())
+          + f" (sum {sum(once.values()) / 1e9:.3f} GB; report written in {report_s:.0f} s)")
+    print(f"  total {gb:.3f} GB  [target <= {TARGET_RUN_GB} GB: {'met' if gb <= TARGET_RUN_GB else 'NOT met'}]  "
+          f"(old layout's per-row tables: {old_mb * paper_logged / 1e3:.2f} GB)")
+    shutil.rmtree(root)  # ~180 MB, the checkpoint most of it
 
 
 if __name__ == "__main__":

@@ -107,8 +107,11 @@ def test_fsdp2_on_two_ranks_equals_one_process_with_the_global_batch(tmp_path_fa
             x, y = a[col].to_numpy(), b[col].to_numpy()
             assert np.array_equal(np.isnan(x), np.isnan(y)), (name, col)
             if np.isfinite(x).any():
-                worst[col] = float(np.nanmax(np.abs(x - y) / norm))
-                assert worst[col] <= 1e-6, (name, worst)
+                # grad_norm is stored to 2^-16 of itself (tracking/precision.py): the runs' last-bit differences
+                # may round it one step apart, so against itself
+                scale = np.maximum(np.abs(x), 1e-30) if col == "grad_norm" else norm
+                worst[col] = float(np.nanmax(np.abs(x - y) / scale))
+                assert worst[col] <= (2.0 ** -15 + 1e-6 if col == "grad_norm" else 1e-6), (name, worst)
         x, y = a["breaking_term"].to_numpy(), b["breaking_term"].to_numpy()
         if name == "sgd":  # B_k = <v, g_k>: zero up to rounding for an exact symmetry, so against the group's norm
             worst["breaking_term"] = float(np.nanmax(np.abs(x - y) / norm))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from neural_mechanics.errors import RunStoreError
+from neural_mechanics.tracking.layout import OPTIONS
 from neural_mechanics.tracking.store import open_run
 from neural_mechanics.tracking.tracker import Tracker
 from test_tracking_helpers import BNNet, bn_symmetries, make_data, train
@@ -57,6 +59,25 @@ def test_killed_run_is_readable_and_plain_pandas_reads_it(tmp_path):
     tr.close()
     assert open_run(tmp_path / "run").status == "finished"
     assert 40 in set(open_run(tmp_path / "run").frame()["step"])
+
+
+def test_parts_are_group_major_and_step_major_parts_of_earlier_runs_read_the_same(tmp_path):
+    """Charges parts are written in (gid, step) order; a schema-2 run written before that (parts in (step, gid) order,
+    rewritten here so) reads back to the same frame."""
+    _write_run(tmp_path / "run").close()
+    frame = open_run(tmp_path / "run").frame()
+    parts = sorted((tmp_path / "run" / "charges").glob("part-*.parquet"))
+    assert len(parts) >= 3
+    steps_per_part = []
+    for path in parts:
+        table = pq.read_table(path)
+        key = table.column("gid").to_numpy().astype(np.int64) * 10**6 + table.column("step").to_numpy()
+        assert (np.diff(key) > 0).all()
+        steps_per_part.append(len(np.unique(table.column("step").to_numpy())))
+        step_major = table.sort_by([("step", "ascending"), ("gid", "ascending")])
+        pq.write_table(step_major, path, **OPTIONS["charges"])
+    assert max(steps_per_part) > 1                                     # some part holds several steps
+    pd.testing.assert_frame_equal(open_run(tmp_path / "run").frame(), frame)
 
 
 def test_truncated_last_part_is_skipped_with_warning(tmp_path):

@@ -9,32 +9,40 @@ float64 columns in Parquet's plain encoding). Run directories of schema version 
     charges/part-*.parquet  one row per (logged step, group): step, gid and the stored columns below.
     steps/part-*.parquet    one row per logged step: step, lr (null when the groups' learning rates differ).
 
-The precision budget of each frame column, i.e. what is stored for it:
+The precision budget of each frame column, i.e. what is stored for it (`precision.py` rounds each value's
+significand to the bits its budget keeps; the column keeps its type, the zeroed bits compress away):
 
-    measured             float64  the charge itself: every exactness check compares against it (the exact
-                                  recurrence at 1e-10, a resumed run against an uninterrupted one at 1e-12)
+    measured             float64  exact: the charge itself, which every exactness check compares against (the
+                                  exact recurrence at 1e-10 of the norm, a resumed run against an uninterrupted
+                                  one bit for bit)
     predicted_exact      float32 deviation `delta_exact = predicted_exact - measured`, and likewise delta_breaking,
-    predicted_breaking   delta_paper: predicted = measured + delta in float64 is exact to 2^-24 |predicted -
-    predicted_paper      measured| + half an ulp of measured (+ 1.4e-45, float32's smallest step). A prediction's
-                         use is its error, which keeps seven significant digits at every size: predicted_breaking,
-                         equal to measured to rounding, is stored to an ulp of it, and any prediction within 1.7e-3
-                         of the measurement (relative) to better than 1e-10. Where measured is not finite (a
-                         diverged step) delta_* holds the prediction itself (float32).
+    predicted_breaking   delta_paper: predicted = measured + delta in float64 is exact to max(2^-37 norm, 2^-24
+    predicted_paper      |predicted - measured|) + half an ulp of measured (+ 1.4e-45, float32's smallest step).
+                         Every use of a prediction reads its error |predicted - measured| / norm: the tightest check
+                         (1e-10 of the norm, against a float64 reference) is 14x coarser than 2^-37; the error
+                         figures read the error itself, which keeps 8 significant bits at worst (2^-9 relative,
+                         0.002 decades on their log axes) and all of float32's 24 where it exceeds 2^-13 of the
+                         norm (the paper's approximate predictions). Where measured is not finite (a diverged
+                         step) delta_* holds the prediction itself (float32, all bits).
     breaking             not stored: predicted_breaking - predicted_exact, formed on reading
-    breaking_term        float64  B_k, compared with references at 1e-10 and the only measurement of a non-SGD run
-    lr                   float64  in the steps table; per row (charges' `lr`) only at steps whose groups differ
-    norm                 float32  the relative error's denominator; null where it equals |measured| (scale groups),
-                                  which then stands for it exactly
-    grad_norm            float32  figures only (|g_A|, the per-layer gradient norm)
-    angular_update       float32  figures only
+    breaking_term        float64, 36 significand bits: 2^-37 relative; B_k is compared with float64 references at
+                         1e-10 of max(1, |B|) and is the only measurement of a non-SGD run
+    lr                   float64  exact, in the steps table; per row (charges' `lr`) only at steps whose groups differ
+    norm                 float32, 15 bits: 2^-16 relative, the relative error's denominator (an error read to five
+                         digits); null where it equals |measured| (scale groups), which then stands for it exactly
+    grad_norm            float32, 15 bits: 2^-16 relative; figures only (|g_A|, the per-layer gradient norm)
+    angular_update       float32, 15 bits: figures only
     predicted_equilibrium, angular_update_eq, relaxation_time, update_ratio
-                         float32  figures and the equilibrium regime check only
+                         float32, 15 bits: figures and the equilibrium regime check only; five significant digits
+                         are 60x finer than a figure resolves (1e-3 of an axis)
     valid                bool
 
 Float columns are written with Parquet's BYTE_STREAM_SPLIT encoding (a float's bytes in separate streams, so
-zstd finds the repetitive sign and exponent bytes), gid and step as deltas / run lengths, everything zstd-compressed;
-about 0.27 MB per logged step for the paper's VGG-16-BN (benchmarks/store_size.py). Reading with plain pandas is a
-join (docs/contract.md, "The run directory"):
+zstd finds the repetitive sign and exponent bytes and the zeroed low ones), gid and step as deltas / run lengths,
+everything zstd-compressed (level 7), and each part group-major: rows in (gid, step) order, a group's values over
+the part's steps side by side (`group_major`; read back step-major, `step_major`). About 0.21 MB per logged step
+for the paper's VGG-16-BN, 18.0 bytes per group row (benchmarks/store_size.py, which also projects a full paper
+run's directory). Reading with plain pandas is a join (docs/contract.md, "The run directory"):
 
     ch = pd.read_parquet("RUN/charges")
     ch = ch.astype({c: "float64" for c in ch.columns if ch[c].dtype == "float32"})
@@ -43,6 +51,7 @@ join (docs/contract.md, "The run directory"):
     ch["lr"] = ch["lr"].fillna(ch["lr_step"])
     ch["norm"] = ch["norm"].fillna(ch["measured"].abs())
     ch["predicted_exact"] = ch["measured"] + ch["delta_exact"]        # likewise breaking, paper
+    ch = ch.sort_values(["step", "gid"])
 
 `roundtrip` is what a row becomes once stored and read back; the tracker computes its per-layer aggregates from
 it, so the layers table and the errors recomputed from the groups frame agree exactly.
@@ -58,9 +67,10 @@ import pandas as pd
 import pyarrow as pa
 
 from neural_mechanics.tracking.metrics import EQUILIBRIUM_COLUMNS, PREDICTION_COLUMNS
+from neural_mechanics.tracking.precision import BREAKING_TERM_BITS, FIGURE_BITS, delta_bits, round_significand
 
 __all__ = ["CHARGE_COLUMNS", "FRAME_COLUMNS", "GROUP_TABLE_COLUMNS", "STEP_COLUMNS", "GroupTable", "decode",
-           "delta_column", "encode", "roundtrip", "write_options"]
+           "delta_column", "encode", "group_major", "roundtrip", "step_major", "write_options"]
 
 FRAME_COLUMNS: dict[str, pa.DataType] = {
     "step": pa.int64(), "group": pa.string(), "kind": pa.string(), "layer": pa.string(),
@@ -93,14 +103,15 @@ STEP_COLUMNS: dict[str, pa.DataType] = {"step": pa.int64(), "lr": pa.float64()}
 def write_options(schema: Mapping[str, pa.DataType]) -> dict[str, Any]:
     """`pyarrow.parquet.write_table` options for a table: zstd; floats byte-stream-split; ids as deltas.
 
-    zstd level 3 (zstd's own default): ~5 ms per logged step of 11.5k groups on the training thread; level 6 saves
-    1% of the bytes for 1.6x the time, level 15 5% for 20x.
+    zstd level 7: a charges part of 20 logged steps x 11.5k groups (rows rounded to their budgets, group-major)
+    takes ~0.09 s to compress on one core (4.5 ms per logged step, on the training thread at a flush); zstd's
+    default level 3 writes it in 0.04 s with 2% more bytes, level 9 in 0.19 s with 0.3% fewer.
     """
     floats = [c for c, t in schema.items() if pa.types.is_floating(t)]
     encoding = {c: "BYTE_STREAM_SPLIT" for c in floats}
     if "gid" in schema:
         encoding["gid"] = "DELTA_BINARY_PACKED"
-    return {"compression": "zstd", "compression_level": 3, "column_encoding": encoding,
+    return {"compression": "zstd", "compression_level": 7, "column_encoding": encoding,
             "use_dictionary": [c for c in schema if c not in encoding]}
 
 
@@ -110,19 +121,24 @@ def _f64(x: Any) -> np.ndarray:
 
 
 def _store_values(cols: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """Frame columns -> stored numpy values (and a null mask where the column has one), minus lr."""
+    """Frame columns -> stored numpy values (and a null mask where the column has one), minus lr; each rounded to
+    its budget (`precision.py`)."""
     m = _f64(cols["measured"])
     finite = np.isfinite(m)
-    out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {"measured": (m, None),
-                                                            "breaking_term": (_f64(cols["breaking_term"]), None)}
+    out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {"measured": (m, None)}
+    out["breaking_term"] = (round_significand(_f64(cols["breaking_term"]), BREAKING_TERM_BITS), None)
     with np.errstate(invalid="ignore", over="ignore"):
+        norm = _f64(cols["norm"])
+        same = norm == np.abs(m)
+        stored_norm = round_significand(norm.astype(np.float32), FIGURE_BITS)
+        read_norm = np.where(same, np.abs(m), stored_norm)  # the norm as it reads back: the deltas' scale
+        out["norm"] = (stored_norm, same)
         for pred, delta in _DELTAS.items():
             p = _f64(cols[pred])
-            out[delta] = (np.where(finite, p - m, p).astype(np.float32), None)
-        norm = _f64(cols["norm"])
-        out["norm"] = (norm.astype(np.float32), norm == np.abs(m))
+            d = np.where(finite, p - m, p).astype(np.float32)
+            out[delta] = (np.where(finite, round_significand(d, delta_bits(d, read_norm)), d), None)
         for c in _FIGURES_ONLY:
-            out[c] = (_f64(cols[c]).astype(np.float32), None)
+            out[c] = (round_significand(_f64(cols[c]).astype(np.float32), FIGURE_BITS), None)
     return out
 
 
@@ -223,6 +239,21 @@ def encode(cols: Mapping[str, Any], gid: np.ndarray) -> tuple[pa.Table, pa.Table
     charges = pa.table({c: arrays[c] for c in CHARGE_COLUMNS})
     step_table = pa.table({"step": pa.array(steps), "lr": pa.array(step_lr, mask=~uniform)})
     return charges, step_table
+
+
+def group_major(charges: pa.Table) -> pa.Table:
+    """Charges rows in (gid, step) order, the order a part is written in: each group's values over the part's steps
+    side by side, whose sign, exponent and leading significand bytes repeat (3% fewer bytes than step-major)."""
+    return charges.sort_by([("gid", "ascending"), ("step", "ascending")])
+
+
+def step_major(charges: pa.Table) -> pa.Table:
+    """Charges rows in (step, gid) order, stably (rows of the same key keep their order): how a part is read."""
+    step = charges.column("step").to_numpy()
+    gid = charges.column("gid").to_numpy()
+    if len(step) < 2 or bool(np.all((step[1:] > step[:-1]) | ((step[1:] == step[:-1]) & (gid[1:] > gid[:-1])))):
+        return charges
+    return charges.take(pa.array(np.lexsort((gid, step))))
 
 
 def decode(charges: pa.Table, steps: pa.Table, groups: GroupTable) -> pd.DataFrame:

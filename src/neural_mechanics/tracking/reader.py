@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from neural_mechanics.errors import RunStoreError
 from neural_mechanics.symmetry.groups import SymmetrySet
-from neural_mechanics.tracking.encoding import FRAME_COLUMNS, STEP_COLUMNS, GroupTable, decode
+from neural_mechanics.tracking.encoding import FRAME_COLUMNS, STEP_COLUMNS, GroupTable, decode, step_major
 from neural_mechanics.tracking.layout import (
     GROUP_TABLE,
     KEYS,
@@ -59,13 +59,15 @@ class Run:
         """Groups whose predictions are not valid, with the reason."""
         return dict(self.manifest.get("invalid") or {})
 
-    def _arrow(self, name: str) -> pa.Table | None:
-        """Every readable part of one table directory, concatenated in part order (None: no part)."""
+    def _arrow(self, name: str, each: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table | None:
+        """Every readable part of one table directory (passed through `each`), concatenated in part order (None: no
+        part)."""
         found = parts(self.dir / name)
         tables = []
         for i, (_, path) in enumerate(found):
             try:
-                tables.append(pq.read_table(path))
+                table = pq.read_table(path)
+                tables.append(table if each is None else each(table))
             except Exception as e:
                 if i == len(found) - 1:
                     warnings.warn(f"skipping corrupt or truncated last part {path} ({e}); "
@@ -85,7 +87,7 @@ class Run:
 
     def _charges(self, kind: str | None, layer: str | None, names: Sequence[str] | None) -> pd.DataFrame | None:
         """The version-2 rows in long form (None when there are none)."""
-        charges = self._arrow("charges")
+        charges = self._arrow("charges", step_major)  # parts are written group-major (encoding.group_major)
         if charges is None:
             return None
         table = read_group_table(self.dir)

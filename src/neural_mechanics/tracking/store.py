@@ -12,7 +12,8 @@ Layout of a run directory (schema version 2)::
 
 `open_run(dir).frame()` (`reader.py`) joins groups, charges and steps back into the long form of docs/contract.md;
 how the columns are stored - integer group ids into a table kept once, the lr per step, float32 where a column's
-precision budget allows and float64 where comparisons at 1e-10 need it - is `encoding.py`; file names, schemas and
+precision budget allows and float64 where comparisons at 1e-10 need it, each value's significand rounded to the bits
+its budget keeps (`precision.py`), parts written group-major - is `encoding.py`; file names, schemas and
 atomic writes are `layout.py`. Runs of schema version 1 kept the long form itself in `groups/part-*.parquet`; they
 still open, and a version-1 run resumed by this version gets its new rows in version 2 beside them.
 
@@ -49,7 +50,7 @@ import torch
 
 from neural_mechanics.errors import RunStoreError
 from neural_mechanics.symmetry.groups import SymmetrySet
-from neural_mechanics.tracking.encoding import FRAME_COLUMNS, encode
+from neural_mechanics.tracking.encoding import FRAME_COLUMNS, encode, group_major
 from neural_mechanics.tracking.layout import (
     GROUP_TABLE,
     LAYER_COLUMNS,
@@ -194,6 +195,8 @@ class RunWriter:
             table = pa.concat_tables(self._buffers[t])
             if t == "steps":
                 table = last_per_step(table)
+            elif t == "charges":
+                table = group_major(table)
             atomic_write_table(self.dir / t / f"part-{self._next[t]:06d}.parquet", table, OPTIONS[t])
             self._next[t] += 1
             self._buffers[t] = []
