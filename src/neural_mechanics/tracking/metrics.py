@@ -123,43 +123,60 @@ def layer_rows(df: pd.DataFrame) -> dict[str, list[Any]]:
     """Per (layer, kind) aggregates of one logged step (host side, O(G)); df carries the running `norm_max`.
 
     Error statistics are over the valid groups; grad_norm = sqrt of the sum of the groups' |g_A|^2; the angular
-    update and effective lr (eta / S) medians are over scale groups only.
+    update and effective lr (eta / S) medians are over scale groups only. Layers come in order of first
+    appearance (rows without a layer or kind are left out, as `DataFrame.groupby` does).
+
+    Every column is read into numpy once and each (layer, kind) is an index array into it (one stable sort of the
+    group codes), so a log step costs a few numpy calls per layer rather than dozens of pandas selections
+    (~90 ms per log step for VGG-16-BN's 11.5k groups before; every aggregate is the same numpy function of the
+    same values in the same order, so the numbers are bit for bit those of a groupby loop).
     """
     den = error_denominator(df["norm"].to_numpy(), df["norm_max"].to_numpy())
     meas = df["measured"].to_numpy()
-    df = df.assign(**{error_column(c): relative_error(meas, df[c].to_numpy(), den) for c in PREDICTION_COLUMNS})
+    col = {c: df[c].to_numpy() for c in ("step", "valid", "grad_norm", "angular_update", "lr", "angular_update_eq",
+                                         "predicted_equilibrium", "update_ratio", "relaxation_time")}
+    errs = {error_column(c): relative_error(meas, df[c].to_numpy(), den) for c in PREDICTION_COLUMNS}
+    kinds = df["kind"].to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
-        eff = df["lr"].to_numpy() / df["measured"].to_numpy()
-        df = df.assign(eff_lr=np.where(df["kind"].to_numpy() == "scale", eff, np.nan))
+        eff_lr = np.where(kinds == "scale", col["lr"] / meas, np.nan)
+        eq_ratio = meas / col["predicted_equilibrium"]
+    codes = df.groupby(["layer", "kind"], sort=False).ngroup().to_numpy()
+    order = np.argsort(codes, kind="stable")
+    order = order[codes[order] >= 0]  # -1: no layer or kind (dropped by groupby)
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    layers = df["layer"].to_numpy()
     out: dict[str, list[Any]] = {c: [] for c in LAYER_AGGREGATES}
+
+    def median(values: np.ndarray) -> float:
+        return float(np.nanmedian(values.astype(np.float64, copy=False)))
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for (layer, kind), g in df.groupby(["layer", "kind"], sort=False):
-            v = g[g["valid"]]
-            out["step"].append(int(g["step"].iloc[0]))
-            out["layer"].append(layer)
+        for idx in np.split(order, bounds) if len(order) else []:
+            first = idx[0]
+            kind = kinds[first]
+            scale = kind == "scale"
+            valid = idx[col["valid"][idx].astype(bool)]
+            out["step"].append(int(col["step"][first]))
+            out["layer"].append(layers[first])
             out["kind"].append(kind)
-            out["n_groups"].append(len(g))
-            out["n_valid"].append(len(v))
-            out["mean_charge"].append(float(g["measured"].mean()))
-            for col in PREDICTION_COLUMNS:
-                name = error_column(col)
-                e = v[name].to_numpy()
+            out["n_groups"].append(len(idx))
+            out["n_valid"].append(len(valid))
+            out["mean_charge"].append(float(pd.Series(meas[idx]).mean()))  # pandas' skipna mean, as Series.mean
+            for name, e_all in errs.items():
+                e = e_all[valid]
                 out[f"{name}_max"].append(float(np.nanmax(e)) if len(e) else math.nan)
                 out[f"{name}_median"].append(float(np.nanmedian(e)) if len(e) else math.nan)
-            out["grad_norm"].append(float(np.sqrt(np.nansum(g["grad_norm"].to_numpy() ** 2)))
-                                    if g["grad_norm"].notna().any() else math.nan)
-            out["angular_update_median"].append(float(np.nanmedian(g["angular_update"].to_numpy()))
-                                                if kind == "scale" else math.nan)
-            out["effective_lr_median"].append(float(np.nanmedian(g["eff_lr"].to_numpy())) if kind == "scale"
-                                              else math.nan)
-            out["lr"].append(float(np.nanmedian(g["lr"].to_numpy())))
-            scale = kind == "scale"
-            for name, values in (("angular_update_eq_median", g["angular_update_eq"]),
-                                 ("equilibrium_ratio_median", g["measured"] / g["predicted_equilibrium"]),
-                                 ("update_ratio_median", g["update_ratio"]),
-                                 ("relaxation_time", g["relaxation_time"])):
-                out[name].append(float(np.nanmedian(values.to_numpy(dtype=np.float64))) if scale else math.nan)
+            g = col["grad_norm"][idx]
+            out["grad_norm"].append(float(np.sqrt(np.nansum(g ** 2))) if not np.isnan(g).all() else math.nan)
+            out["angular_update_median"].append(median(col["angular_update"][idx]) if scale else math.nan)
+            out["effective_lr_median"].append(median(eff_lr[idx]) if scale else math.nan)
+            out["lr"].append(median(col["lr"][idx]))
+            for name, values in (("angular_update_eq_median", col["angular_update_eq"]),
+                                 ("equilibrium_ratio_median", eq_ratio),
+                                 ("update_ratio_median", col["update_ratio"]),
+                                 ("relaxation_time", col["relaxation_time"])):
+                out[name].append(median(values[idx]) if scale else math.nan)
     return out
 
 

@@ -4,7 +4,10 @@
 `register_step_pre_hook` / `register_step_post_hook` (no forked optimizer, no patched `step`), so whatever
 the training loop does to the gradients before `step()` (global-norm clipping, accumulation, AMP unscaling)
 is what it sees, and it reads the hyperparameters from `optimizer.param_groups` at every step (any scheduler
-works). This module is the hooks and the bookkeeping; the work is done by
+works). This module is the public facade: construction (groups, strategy, sink, the hooks' registration), the
+logging API, checkpoints and close. The hooks themselves and the bookkeeping of every step (log decisions,
+validity, applicability, the one reduction function) are `step_hooks.py`, which `Tracker` inherits; the work is
+done by
 
 * `families.py`      the groups compiled per charge type (quadratic: scale + rescale; linear: translation);
 * `param_groups.py`  where their members sit in the param groups, the hyperparameters per group, and the checks
@@ -30,11 +33,9 @@ where it writes nothing), because the collectives must match. FSDP1 is refused (
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -45,18 +46,12 @@ from neural_mechanics.errors import TrackerError
 from neural_mechanics.symmetry.groups import Symmetry, SymmetrySet
 from neural_mechanics.tracking.collective_sums import make_reduction
 from neural_mechanics.tracking.families import ChargeFamily, compile_families
-from neural_mechanics.tracking.param_groups import (
-    HyperReader,
-    ParamGroupIndex,
-    missing_gradients,
-    mixed_hyperparameters,
-    read_values,
-)
+from neural_mechanics.tracking.param_groups import HyperReader, ParamGroupIndex, read_values
 from neural_mechanics.tracking.parameters import canonical_name, resolve_parameters
-from neural_mechanics.tracking.products import Fields, Product
-from neural_mechanics.tracking.rows import Row, RowEmitter
+from neural_mechanics.tracking.rows import RowEmitter
 from neural_mechanics.tracking.sharding import refuse_fsdp1
 from neural_mechanics.tracking.sinks import NullSink, ParquetSink, RunInfo, Sink, SinkGroup
+from neural_mechanics.tracking.step_hooks import StepHooks
 from neural_mechanics.tracking.store import RunWriter, open_run
 from neural_mechanics.tracking.strategies import Applies, StepContext, StrategySetup, strategy_for
 
@@ -65,15 +60,7 @@ __all__ = ["STATE_VERSION", "Tracker", "canonical_name", "resolve_parameters"]
 STATE_VERSION = 1
 
 
-def _is_spaced(k: int, per_decade: int = 8) -> bool:
-    """True at about `per_decade` log-spaced steps per decade (1, 2, 3, 4, 5, 6, 7, 10, 13, 18, 24, ...)."""
-    if k <= 0:
-        return k == 0
-    j = round(per_decade * math.log10(k))
-    return any(round(10 ** (i / per_decade)) == k for i in (j - 1, j, j + 1) if i >= 0)
-
-
-class Tracker:
+class Tracker(StepHooks):
     """Watch every symmetry's charge during training, next to its exact and paper predictions.
 
         with nm.Tracker(model, optimizer, symmetries, "runs/a", log_every=10) as tracker:
@@ -88,12 +75,6 @@ class Tracker:
     model before `fully_shard`: names are kept); only rank 0 writes. `sink` adds sinks (e.g.
     `TensorBoardSink(dir)`) next to the run store of `run_dir`; on ranks other than 0 nothing is written.
     """
-
-    hook_threads: int | None = 1
-    """Torch intra-op threads inside the hooks on CPU (restored after; None = leave torch's setting). The hooks'
-    work is a few dozen memory-bound passes, which gain little from threads; on a machine whose cores are busy
-    every multi-threaded op can wait a whole scheduler slice for its second thread (measured on 2 shared cores:
-    16 ms per op instead of 0.5 ms, a 25x slower tracker), which a single thread never does."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, symmetries: SymmetrySet | Iterable[Symmetry],
                  run_dir: str | os.PathLike[str] | None = None, *, log_every: int = 10, log_spaced: bool = False,
@@ -158,7 +139,7 @@ class Tracker:
                          optimizer.register_step_post_hook(self._post_hook)]
         self.closed = False
 
-    # ---- bookkeeping ----------------------------------------------------------------------------
+    # ---- properties ----------------------------------------------------------------------------
     @property
     def exact_theory(self) -> bool:
         """Whether the optimizer's strategy predicts the charges (False: measured only)."""
@@ -168,12 +149,6 @@ class Tracker:
     def not_applicable(self) -> str:
         """Why the predictions do not apply to this optimizer ("" when they do)."""
         return self.strategy.note()
-
-    @property
-    def measures_logs(self) -> bool:
-        """Whether log steps measure their rows here: where they are written, and on every rank of a sharded model
-        (the log-only sums are collectives, so all ranks must take part)."""
-        return self.sink.records or self.reduction.collective
 
     @property
     def writer(self) -> RunWriter | None:
@@ -205,124 +180,6 @@ class Tracker:
             d["n_params"] = len(pg["params"])
             groups.append(d)
         return {"optimizer": type(self.optimizer).__name__, "param_groups": groups}
-
-    def _invalidate(self, fam: ChargeFamily, gids: list[int], reason: str) -> None:
-        new = [g for g in gids if fam.names[g] not in self.invalid]
-        if not new:
-            return
-        fam.valid.index_fill_(0, torch.tensor(new, dtype=torch.long, device=self.device), False)
-        for g in new:
-            self.invalid[fam.names[g]] = reason
-            self.sink.mark_invalid(fam.names[g], reason)
-
-    def _decide(self, values: list[tuple[Any, ...]]) -> None:
-        """Ask the strategy's applicability for every param group when the values changed; record what changed."""
-        key = HyperReader.key(values)
-        if key is not None and key == self._decided:
-            return
-        self._decided = key
-        if self.applies.update([self.strategy.verdict(pg) for pg in self.optimizer.param_groups]):
-            self.sink.set_fact("applicability", self.applies.snapshot())
-
-    def _is_log_step(self, k: int) -> bool:
-        return k % self.log_every == 0 or (self.log_spaced and _is_spaced(k))
-
-    def _sums(self, family: ChargeFamily, products: Sequence[Product], fields: Fields) -> dict[str, Tensor]:
-        """Every per-group sum of the tracker goes through here (`self.reduction`: `products.reduce_products` on the
-        whole parameters, or per-rank partial sums plus an all_reduce for sharded ones); a test can watch it."""
-        return self.reduction(family, products, fields)
-
-    def _step_context(self, step: int, log: bool, values: Any) -> StepContext:
-        return StepContext(step, log, values, self.hypers(values), self._sums, batch=self.reduction.batch,
-                           defer=self.reduction.defer)
-
-    # ---- hooks ------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _threads(self) -> Iterator[None]:
-        """Run the block with `hook_threads` torch threads on CPU (see there), restoring the setting after."""
-        n = torch.get_num_threads()
-        want = self.hook_threads
-        if self.device.type != "cpu" or want is None or want >= n:
-            yield
-            return
-        torch.set_num_threads(want)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(n)
-
-    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
-        """Measure theta_k and g_k before the update.
-
-        With `optimizer.step(closure)` the gradients do not exist yet when this hook runs: the closure computes
-        them inside `step`. The hook then hands `step` a wrapped closure (step pre-hooks may return new
-        (args, kwargs)) that measures right after the first evaluation, at theta_k - the same moment as
-        backward-then-step. Later evaluations (line searches) are not measured.
-        """
-        # torch passes the bound call's positional args, optimizer first: (optimizer, closure?)
-        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
-        if closure is None:
-            with self._threads(), torch.no_grad():
-                self._pre()
-            return None
-        measured = False
-
-        def measuring_closure() -> Any:
-            nonlocal measured
-            loss = closure()
-            if not measured:
-                measured = True
-                with self._threads(), torch.no_grad():
-                    self._pre()
-            return loss
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": measuring_closure}
-        return (args[0], measuring_closure, *args[2:]), kwargs
-
-    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        with self._threads(), torch.no_grad():
-            self._post()
-
-    def _context(self, step: int, log: bool) -> StepContext:
-        return self._step_context(step, log, read_values(self.optimizer, self.strategy.hyper_keys))
-
-    def _pre(self) -> None:
-        k = self.step
-        values = read_values(self.optimizer, self.strategy.hyper_keys)
-        for fam, ix in zip(self.families, self.indexes, strict=True):
-            for gids, reason in missing_gradients(ix, self.params, k):
-                self._invalidate(fam, gids, reason)
-        for fam, ix in zip(self.families, self.indexes, strict=True):
-            for gids, reason in mixed_hyperparameters(ix, values, self.strategy.hyper_keys, k):
-                self._invalidate(fam, gids, reason)
-        self._decide(values)
-        self._ctx = self._step_context(k, self._is_log_step(k) and self.measures_logs, values)
-        self.strategy.pre_step(self._ctx, self.applies)
-
-    def _post(self) -> None:
-        k = self.step
-        ctx = self._ctx if self._ctx is not None else self._context(k, False)
-        rows = self.strategy.post_step(ctx, self.applies)
-        self.reduction.end_step()
-        if ctx.log and rows is not None:
-            self._emit(k, rows)
-            self._last_logged = k
-        self._ctx = None
-        self.step = k + 1
-        if self.step % self.flush_every == 0:
-            self.sink.flush()
-
-    def _emit(self, step: int, rows: Sequence[Row | None]) -> None:
-        """Move the rows of every family to the host (one transfer per family) and hand them to the sink."""
-        if not self.sink.records:
-            return
-        frames = self.emitter.frames(step, rows)
-        if frames is None:
-            return
-        groups, layers = frames
-        self.sink.write_groups(groups)
-        self.sink.write_layers(layers)
 
     # ---- public API -------------------------------------------------------------------------------
     def log_metrics(self, step: int, split: str = "train", **values: float | Tensor) -> None:
