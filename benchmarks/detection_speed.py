@@ -9,7 +9,9 @@ For each model (torchvision, random weights, train mode, 1000 classes), a batch 
 `--size` x `--size`: one forward+backward (cross-entropy on random labels) and `find_symmetries` are timed
 `--repeats` times each, interleaved round by round so that machine drift hits both alike, after one untimed
 call of each (the first detection pays one-off imports and dispatcher warm-up and is reported separately).
-The ratio of the medians, detection / forward+backward, is the figure against the target (<= 1x). Then the
+The ratio of the medians, detection / forward+backward, is the figure against the target (<= 1x); both sides are
+timed alike (`timed`: a full collection before each call, the young-generation pass after it inside the timer, the
+result freed outside). Then the
 detection split into its phases (graph capture, op rules, channel groups, translation groups, coverage, the
 garbage collector's pass at the end of the pause), and `certify`
 once (float64 copy, all groups at once per kind plus `--sample` single groups per kind). Times are wall-clock
@@ -59,10 +61,20 @@ def phases(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 
 def timed(f: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call of f."""
+    """(wall seconds, CPU seconds of this process) of one call of f, then the collector's young-generation pass.
+
+    As timeit does, the collector's deferred full passes are kept out of the call that happens to trigger them: a
+    full collection runs before the timer starts (`gc.collect()`), so each call starts from the same heap. What a
+    call allocates is in the timer, and so is the generation-0 pass over it (`gc.collect(0)`, for detection the
+    pass its paused collector owes); its result is freed after the timer stops (freeing is not detection).
+    The full pass that the new objects will cost the program later is printed apart (`full_gc_after`)."""
+    gc.collect()
     t, c = time.perf_counter(), time.process_time()
-    f()
-    return time.perf_counter() - t, time.process_time() - c
+    result = f()
+    gc.collect(0)
+    elapsed = time.perf_counter() - t, time.process_time() - c
+    del result
+    return elapsed
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -104,6 +116,10 @@ def main() -> None:
         det, step = (statistics.median(t[0] for t in times), statistics.median(t[0] for t in steps))
         det_cpu, step_cpu = (statistics.median(t[1] for t in times), statistics.median(t[1] for t in steps))
         split = phases(model, x)
+        gc.collect(0)
+        t = time.perf_counter()
+        gc.collect()
+        split["full_gc_after"] = time.perf_counter() - t  # one full pass with the result alive (paid once, later)
         c = s.counts()
         print(f"{name}: {len(s)} groups (translation {c['translation']}, scale {c['scale']}, rescale {c['rescale']}), "
               f"capture {s.meta['capture']}")

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Member", "Params", "Role", "short_index"]
+__all__ = ["Member", "Params", "Role", "short_index", "singletons"]
 
 Role = Literal["in", "out"]
 Params = Mapping[str, Tensor]
@@ -185,3 +185,17 @@ def short_index(index: tuple[int, ...] | None) -> str:
 _MEMBER_SETTERS = tuple(getattr(Member, f.name).__set__ for f in fields(Member))
 """The slot descriptors' setters, in field order: how `Member.trusted` fills a frozen, slotted instance (as fast
 as filling a `__dict__`, with one object per member instead of two)."""
+
+
+_SINGLETONS: list[tuple[int]] = []
+
+
+def singletons(n: int) -> list[tuple[int]]:
+    """[(0,), (1,), ..., (n-1,)]: one shared index tuple per channel index for the whole process.
+
+    The op rules record ~1e5 one-index slices per model (`Contribution.index`, then `Member.index`); sharing the
+    tuples keeps that many objects out of every detection's allocations and out of the collector's passes.
+    """
+    if len(_SINGLETONS) < n:
+        _SINGLETONS.extend((i,) for i in range(len(_SINGLETONS), n))
+    return _SINGLETONS[:n]

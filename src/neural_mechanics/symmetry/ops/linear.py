@@ -28,7 +28,7 @@ from neural_mechanics.symmetry.analysis import (
     shape_of,
 )
 from neural_mechanics.symmetry.graph import compress, invariant_label, live, per_index, taint, union_pairs
-from neural_mechanics.symmetry.member import short_index
+from neural_mechanics.symmetry.member import short_index, singletons
 from neural_mechanics.symmetry.ops.args import op_args
 from neural_mechanics.symmetry.ops.registry import Flag, canonical, register
 
@@ -44,8 +44,7 @@ def weight_bias(a: Analysis, w: Any, b: Any) -> tuple[str | None, bool, str | No
 def write_rows(a: Analysis, base: int, n: int, wname: str, bname: str | None, wevent: str, bevent: str) -> None:
     """Slot base + c is written by wname[c] (and bname[c]) for c < n (dim 0 of both)."""
     add = a.contributions.append
-    for c in range(n):
-        idx = (c,)
+    for c, idx in enumerate(singletons(n)):
         add(Contribution(base + c, wname, 0, idx, "in", wevent))
         if bname is not None:
             add(Contribution(base + c, bname, 0, idx, "in", bevent))
@@ -113,9 +112,10 @@ def dense(a: Analysis, node: Node, x: Any, w: Any, b: Any, read_dim: int, write_
             col = "weight[:, {idx}]" if read_dim == 1 else "weight[{idx}]"
             event = f"{layer}: {name} reads feature {{idx}} ({col})"
             add = a.contributions.append
+            ones = singletons(c_in)
             for k, s in enumerate(per_index(a.uf, lx, -1, c_in)):
                 if s > 0:
-                    add(Contribution(s, wname, read_dim, (k,), "out", event))
+                    add(Contribution(s, wname, read_dim, ones[k], "out", event))
         else:
             a.note_blocked(node, f"{name} (frozen weight)")
             taint(a.uf, lx)
@@ -125,10 +125,10 @@ def dense(a: Analysis, node: Node, x: Any, w: Any, b: Any, read_dim: int, write_
     base, lab = a.fresh(c_out, nd, nd - 1)
     add = a.contributions.append
     wevent = f"{layer}: {name} writes feature {{idx}}"
-    for c in range(c_out):
-        add(Contribution(base + c, wname, write_dim, (c,), "in", wevent))
+    for c, idx in enumerate(singletons(c_out)):
+        add(Contribution(base + c, wname, write_dim, idx, "in", wevent))
         if b is not None:
-            add(Contribution(base + c, bname, 0, (c,), "in", f"{layer}: bias[{{idx}}]"))  # type: ignore[arg-type]
+            add(Contribution(base + c, bname, 0, idx, "in", f"{layer}: bias[{{idx}}]"))  # type: ignore[arg-type]
     if computed:  # the computed bias is added to the output: its slots meet the written ones, as in x + y
         bias = op_args(node).get("bias", op_args(node).get("input"))
         lb = a.lab(bias, nd)
@@ -200,13 +200,15 @@ def _conv(a: Analysis, node: Node, transposed: bool) -> Labels:
     layer = module_of(wname)
     name = opname(node)
 
+    ones = singletons(max(c_in, c_out))
+
     def reader_slice(k: int) -> Slice:
         """Input channel k = g * cpg_in + l of a grouped conv is read by the block weight[rows of g, l]."""
         if transposed:
-            return 0, (k,), None
+            return 0, ones[k], None
         cpg_in, cpg_out = wshape[1], c_out // groups
         if groups == 1:
-            return 1, (k,), None
+            return 1, ones[k], None
         g, l = divmod(k, cpg_in)
         rows = tuple(range(g * cpg_out, (g + 1) * cpg_out))
         return (0, rows, None) if cpg_in == 1 else (0, rows, (1, (l,)))
@@ -214,10 +216,10 @@ def _conv(a: Analysis, node: Node, transposed: bool) -> Labels:
     def writer_slice(c: int) -> Slice:
         """Output channel c = g * cpg_out + l of a grouped transposed conv: the block weight[rows of g, l]."""
         if not transposed:
-            return 0, (c,), None
+            return 0, ones[c], None
         cpg_in, cpg_out = c_in // groups, wshape[1]
         if groups == 1:
-            return 1, (c,), None
+            return 1, ones[c], None
         g, l = divmod(c, cpg_out)
         rows = tuple(range(g * cpg_in, (g + 1) * cpg_in))
         return (0, rows, None) if cpg_out == 1 else (0, rows, (1, (l,)))
