@@ -49,8 +49,9 @@ from neural_mechanics.plots.report import write_report
 from neural_mechanics.symmetry.detect import find_symmetries
 from neural_mechanics.tracking.param_trace import ParamTrace
 from neural_mechanics.tracking.sinks import Sink
+from neural_mechanics.tracking.step_hooks import is_spaced
 from neural_mechanics.tracking.store import atomic_write_table, open_run
-from neural_mechanics.tracking.tracker import Tracker, _is_spaced
+from neural_mechanics.tracking.tracker import Tracker
 
 TARGET_MB = 0.3
 TARGET_RUN_GB = 1.0
@@ -110,7 +111,7 @@ def paper_run(cfg: TrainConfig) -> tuple[int, int]:
     step and, with log_spaced, the log-spaced early ones), the final state included (`Tracker.close`)."""
     total = (TINY_IMAGENET_TRAIN // cfg.batch_size) * int(cfg.epochs or 0) if cfg.steps is None else cfg.steps
     t = cfg.tracker
-    logged = sum(1 for k in range(total + 1) if k % t.log_every == 0 or (t.log_spaced and _is_spaced(k)))
+    logged = sum(1 for k in range(total + 1) if k % t.log_every == 0 or (t.log_spaced and is_spaced(k)))
     return total, logged
 
 
