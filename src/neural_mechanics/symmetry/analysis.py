@@ -180,17 +180,20 @@ class Analysis:
         return invariant_outputs(node)
 
 
-def oriented_classes(a: Analysis, roots: set[int] | None = None) -> dict[int, list[Contribution]]:
+def oriented_classes(a: Analysis, roots: set[int] | None = None,
+                     root_of: list[int] | None = None) -> dict[int, list[Contribution]]:
     """Contributions by class root (INVARIANT left out), roles as seen from the class's own factor.
 
     A slot joined to its class *anti* (a tied parameter: symmetry/ties.py) scales by the inverse of the
     class factor, so its writers act like readers and its readers like writers: their roles are flipped.
     The orientation of a class is that of its first contribution (in graph order). roots: only these classes.
+    root_of: `a.uf.roots()` when the caller already has it.
     """
     uf = a.uf
     by_root: dict[int, list[Contribution]] = defaultdict(list)
     if not uf.signed:  # no anti union: every parity is 0, roles stay as recorded; one root lookup for all slots
-        root_of = uf.roots()
+        if root_of is None:
+            root_of = uf.roots()
         for c in a.contributions:
             r = root_of[c.slot]
             if r != INVARIANT and (roots is None or r in roots):

@@ -81,11 +81,28 @@ def _members(contribs: list[Contribution], scale: bool = False) -> tuple[Member,
 
 
 def _fill(template: str, ix: list[int]) -> str:
+    """An event template with "{idx}" replaced by the merged indices ("all" for a whole tensor)."""
     if "{idx}" not in template:
         return template
     if not ix:
         return template.replace("{idx}", "all")
     return template.replace("{idx}", str(ix[0]) if len(ix) == 1 else short_index(tuple(sorted(set(ix)))))
+
+
+def _fill_one(template: str, index: tuple[int, ...] | None) -> str:
+    """`_fill` for one contribution of one index (or a whole tensor: None), without building a list."""
+    if "{idx}" not in template:
+        return template
+    return template.replace("{idx}", "all" if index is None else str(index[0]))
+
+
+def _steps(writer_lines: list[str], extra: list[str], reader_lines: list[str]) -> tuple[str, ...]:
+    """A chain: the writers' lines, then what ties the class together (each line once), then the readers';
+    at most MAX_CHAIN lines, the rest summarised in one."""
+    steps = [*writer_lines, *dict.fromkeys(extra), *reader_lines]
+    if len(steps) > MAX_CHAIN:
+        steps = [*steps[:MAX_CHAIN], f"... ({len(steps) - MAX_CHAIN} more steps)"]
+    return tuple(steps)
 
 
 def _chain(contribs: list[Contribution], extra: list[str]) -> tuple[str, ...]:
@@ -103,13 +120,7 @@ def _chain(contribs: list[Contribution], extra: list[str]) -> tuple[str, ...]:
             into[c.event] = list(c.index) if c.index else []
         elif c.index:
             ix.extend(c.index)
-    steps = [_fill(t, ix) for t, ix in lines.items()]
-    if extra:
-        steps += dict.fromkeys(extra)
-    steps += [_fill(t, ix) for t, ix in readers.items()]
-    if len(steps) > MAX_CHAIN:
-        steps = [*steps[:MAX_CHAIN], f"... ({len(steps) - MAX_CHAIN} more steps)"]
-    return tuple(steps)
+    return _steps([_fill(t, ix) for t, ix in lines.items()], extra, [_fill(t, ix) for t, ix in readers.items()])
 
 
 def _simple_class(contribs: list[Contribution], scale: bool, extra: list[str]
@@ -125,8 +136,8 @@ def _simple_class(contribs: list[Contribution], scale: bool, extra: list[str]
     seen: set[tuple[str, str]] = set()
     w_members: list[Member] = []
     r_members: list[Member] = []
-    w_lines: dict[str, str | None] = {}
-    r_lines: dict[str, str | None] = {}
+    w_lines: dict[str, str] = {}
+    r_lines: dict[str, str] = {}
     for c in contribs:
         idx, role = c.index, c.role
         if c.sub is not None or (idx is not None and len(idx) != 1):
@@ -145,14 +156,8 @@ def _simple_class(contribs: list[Contribution], scale: bool, extra: list[str]
             lines = r_lines
         if ev in lines:  # the same event twice: _chain merges the indices (rare; done the general way)
             return None
-        lines[ev] = None if idx is None else str(idx[0])
-    steps = [ev if "{idx}" not in ev else ev.replace("{idx}", "all" if i is None else i) for ev, i in w_lines.items()]
-    if extra:
-        steps += dict.fromkeys(extra)
-    steps += [ev if "{idx}" not in ev else ev.replace("{idx}", "all" if i is None else i) for ev, i in r_lines.items()]
-    if len(steps) > MAX_CHAIN:
-        steps = [*steps[:MAX_CHAIN], f"... ({len(steps) - MAX_CHAIN} more steps)"]
-    return tuple(w_members) + tuple(r_members), tuple(steps)
+        lines[ev] = _fill_one(ev, idx)
+    return tuple(w_members) + tuple(r_members), _steps(list(w_lines.values()), extra, list(r_lines.values()))
 
 
 def channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
@@ -164,7 +169,7 @@ def channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
     slice, absorbed by a normaliser (a conv channel before BatchNorm) - without the general merging.
     """
     root = a.uf.roots()
-    by_root = oriented_classes(a)  # roles as seen from each class's own factor (tied parameters flip them)
+    by_root = oriented_classes(a, root_of=root)  # roles as seen from each class's own factor (ties flip them)
     normalisers: dict[int, list[str]] = {}
     for s, events in a.normalised.items():
         normalisers.setdefault(root[s], []).extend(events)
@@ -228,12 +233,7 @@ def channel_groups(a: Analysis, meta: dict[str, Any]) -> list[Symmetry]:
         if len(contribs) == 1 and first.sub is None and (idx is None or len(idx) == 1):
             # one writer slice: one member, one line for it, then what ties the class (as _members / _chain do)
             members: tuple[Member, ...] = (trusted_member(first.param, first.dim, idx, None),)
-            ev = first.event
-            if "{idx}" in ev:
-                ev = ev.replace("{idx}", "all" if idx is None else str(idx[0]))
-            chain = (ev, *dict.fromkeys(extra))
-            if len(chain) > MAX_CHAIN:
-                chain = _chain(contribs, extra)
+            chain = _steps([_fill_one(first.event, idx)], extra, no_lines)
         else:
             scale = kind == "scale"
             simple = _simple_class(contribs, scale, extra)
