@@ -232,3 +232,21 @@ def test_equilibrium_predictions_on_noise_gradients(tmp_path, name):
     inst = late["predicted_equilibrium"] * late["update_ratio"]   # the instantaneous form: measured |u|^2
     assert 0.9 <= late["measured"].mean() / inst.mean() <= 1.1
     assert np.allclose(late["relaxation_time"], -1 / math.log(1 - 1e-2), rtol=1.01 * 2.0 ** -16)  # precision.py
+
+
+def test_a_weight_decay_schedule_keeps_the_identity_and_one_table_per_quantity(tmp_path):
+    """Scheduled weight decay (changed before every step): the decoupled decay read at each step keeps the exact
+    identity, and the per-group table cache holds one table per quantity, not one per value ever seen."""
+    torch.manual_seed(0)
+    net = ResBNNet().double()
+    data = [(x.double(), y) for x, y in make_data()]
+    syms = find_symmetries(net, data[0][0])
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+    with Tracker(net, opt, syms, tmp_path / "run", log_every=5) as tr:
+        for k in range(40):
+            opt.param_groups[0]["weight_decay"] = 0.1 * (1 + k / 40)
+            train(net, opt, data, 1, start=k)
+        tables = [len(ch.tables) for ch in tr.strategy.charges]
+    df = open_run(tmp_path / "run").frame()
+    assert df["valid"].all() and _relative_to_largest(df).max() <= 1e-10
+    assert max(tables) <= 5  # decay, and the equilibrium model's applies, p, q, beta

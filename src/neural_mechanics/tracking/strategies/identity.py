@@ -81,9 +81,10 @@ class _Family:
         self.pending: Row | None = None
         self.charge: Tensor | None = None
         """The measured C_k of a log step (the angle's denominator)."""
-        self.tables: dict[tuple[float, ...], Tensor] = {}
-        """Per-group tables of param-group values, by those values: built once, not at every step (a tensor made
-        from Python numbers is a host-to-device copy on a GPU)."""
+        self.tables: dict[str, tuple[tuple[float, ...], Tensor]] = {}
+        """Per-group tables of param-group values, by what they hold: (the values, the table), rebuilt only when
+        the values change (a tensor made from Python numbers is a host-to-device copy on a GPU); one entry per
+        quantity, so a scheduled value does not pile up tables."""
         self.model: _Model | None = None
 
 
@@ -144,17 +145,19 @@ class IdentityStrategy(Strategy):
         return self._constant(name, self.rho(name, p, group) * self.noise_unit(name, p, group))
 
     # ---- per-group values -------------------------------------------------------------------------------
-    def _per_group(self, ch: _Family, values: list[float]) -> Tensor:
-        """values[i] of param group i, for each group of the family (cached per distinct values)."""
+    def _per_group(self, ch: _Family, what: str, values: list[float]) -> Tensor:
+        """values[i] of param group i, for each group of the family (`what` names the quantity; its table is kept
+        until its values change)."""
         key = tuple(values)
-        table = ch.tables.get(key)
-        if table is None:
-            table = ch.tables[key] = torch.tensor(values, dtype=torch.float64, device=self.device).index_select(
-                0, ch.index.first)
+        cached = ch.tables.get(what)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        table = torch.tensor(values, dtype=torch.float64, device=self.device).index_select(0, ch.index.first)
+        ch.tables[what] = (key, table)
         return table
 
     def _decay(self, ch: _Family) -> Tensor:
-        return self._per_group(ch, [decoupled_decay(self.optimizer, pg) for pg in self.optimizer.param_groups])
+        return self._per_group(ch, "decay", [decoupled_decay(self.optimizer, pg) for pg in self.optimizer.param_groups])
 
     def _build_model(self, ch: _Family, out: Mapping[str, Tensor]) -> _Model:
         """The equilibrium model of every group, from the param groups at its first step (betas, shapes) and the
@@ -162,10 +165,10 @@ class IdentityStrategy(Strategy):
         filters = [self.momentum_filter(pg) for pg in self.optimizer.param_groups]
         verdicts = [equilibrium(self.optimizer, pg).applies for pg in self.optimizer.param_groups]
         rho = out["rho_noise"] / out["noise"].clamp_min(1e-300)
-        applies = self._per_group(ch, [float(v) for v in verdicts]) > 0.5
-        return _Model(out["noise"], rho, self._per_group(ch, [f.p for f in filters]),
-                      self._per_group(ch, [f.q for f in filters]), self._per_group(ch, [f.beta for f in filters]),
-                      applies & ch.fam.is_scale)
+        applies = self._per_group(ch, "applies", [float(v) for v in verdicts]) > 0.5
+        return _Model(out["noise"], rho, self._per_group(ch, "p", [f.p for f in filters]),
+                      self._per_group(ch, "q", [f.q for f in filters]),
+                      self._per_group(ch, "beta", [f.beta for f in filters]), applies & ch.fam.is_scale)
 
     # ---- hooks ----------------------------------------------------------------------------------------
     def _products(self, fam: ChargeFamily) -> list[Product]:
