@@ -152,6 +152,102 @@ def test_identity_for_muon_matrices(tmp_path, groups, nesterov):
     assert df["valid"].all() and _relative_to_largest(df).max() <= 1e-5   # float32 parameters
 
 
+def _muon_frame(path, nesterov, steps=30):
+    model = NoiseSphere([(8, 16), (16, 8), (6, 6)], "rows")
+    opt = torch.optim.Muon(model.parameters(), lr=2e-2, weight_decay=0.1, nesterov=nesterov)
+    with Tracker(model, opt, model.symmetries(), path, log_every=1) as tr:
+        run_noise(model, opt, steps)
+    return open_run(path).frame(), tr
+
+
+@pytest.mark.parametrize("nesterov", [True, False], ids=["nesterov", "plain"])
+def test_muon_reads_the_steps_own_newton_schulz_output_not_a_recomputation(tmp_path, monkeypatch, nesterov):
+    """The capture (tracking/strategies/muon_capture.py) and the recomputation from the momentum buffer give the
+    same rows bit for bit; with the capture, the strategy runs no Newton-Schulz of its own; afterwards torch's
+    function is the original again."""
+    import torch.optim._muon as torch_muon
+
+    from neural_mechanics.tracking.strategies import muon, muon_capture
+
+    original = torch_muon._zeropower_via_newtonschulz
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(muon, "_NS", counting)   # the strategy's own recomputations (and the one-off statistics)
+    captured, _ = _muon_frame(tmp_path / "capture", nesterov)
+    own = len(calls)
+    assert torch_muon._zeropower_via_newtonschulz is original
+    monkeypatch.setattr(muon_capture, "_MODULE", None)   # no capture: every u_k is recomputed
+    calls.clear()
+    recomputed, _ = _muon_frame(tmp_path / "recompute", nesterov)
+    assert len(calls) >= 3 * 30   # one per matrix per step at least
+    assert own <= 3 * 2           # the statistics of the three shapes at most, no per-step recomputation
+    pd.testing.assert_frame_equal(captured, recomputed)
+    assert captured["valid"].all() and _relative_to_largest(captured).max() <= 1e-5
+
+
+def test_muon_capture_follows_a_users_own_newton_schulz_and_survives_a_failed_step(tmp_path, monkeypatch):
+    """A user's replacement of torch's function is what the step applies, and what the tracker reads (the identity
+    holds exactly; the recomputation would use torch's own). A step that raises inside leaves the wrapper behind;
+    the next step unwraps it, and closing the tracker restores the user's function."""
+    import torch.optim._muon as torch_muon
+
+    original = torch_muon._zeropower_via_newtonschulz
+    fail = {"now": False}
+
+    def users(grad, coefficients, steps, eps):
+        if fail["now"]:
+            raise RuntimeError("boom")
+        return original(grad, coefficients, 3, eps)   # three iterations instead of the group's five
+
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", users)
+    model = NoiseSphere([(8, 16), (16, 8)], "matrix")
+    opt = torch.optim.Muon(model.parameters(), lr=2e-2, weight_decay=0.1)
+    with Tracker(model, opt, model.symmetries(), tmp_path / "run", log_every=1):
+        run_noise(model, opt, 20)
+        fail["now"] = True
+        with pytest.raises(RuntimeError, match="boom"):
+            run_noise(model, opt, 1)
+        assert torch_muon._zeropower_via_newtonschulz is not users   # the stale wrapper, calling through
+        fail["now"] = False
+        run_noise(model, opt, 20)
+    assert torch_muon._zeropower_via_newtonschulz is users
+    df = open_run(tmp_path / "run").frame()
+    assert _relative_to_largest(df[df["valid"]]).max() <= 1e-5
+
+
+def test_muon_capture_is_used_only_when_it_matches_the_step():
+    """The capture maps call i to the i-th parameter with a gradient; a call too many or too few, or an output of
+    another shape, and nothing is used (the strategy then recomputes); untracked parameters are not kept."""
+    import torch.optim._muon as torch_muon
+
+    from neural_mechanics.tracking.strategies.muon_capture import NewtonSchulzCapture
+
+    a, b, c = (nn.Parameter(torch.randn(s)) for s in [(3, 4), (4, 2), (2, 2)])
+    for p in (a, b, c):
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Muon([a, b, c], lr=1e-2)
+    cap = NewtonSchulzCapture(opt, [a, c])
+
+    def run(shapes):
+        cap.start()
+        for s in shapes:
+            torch_muon._zeropower_via_newtonschulz(torch.randn(s), (3.4445, -4.775, 2.0315), 5, 1e-7)
+        return cap.finish()
+
+    kept = run([(3, 4), (4, 2), (2, 2)])
+    assert set(kept) == {id(a), id(c)} and kept[id(a)].shape == (3, 4)
+    assert run([(3, 4), (4, 2)]) == {} and run([(3, 4), (4, 2), (2, 2), (2, 2)]) == {}
+    assert run([(4, 3), (4, 2), (2, 2)]) == {}
+    original = torch_muon._zeropower_via_newtonschulz
+    cap.start()
+    cap.discard()
+    assert torch_muon._zeropower_via_newtonschulz is original and run([]) == {}
+
+
 def test_muon_groups_outside_the_optimizer_are_invalid_not_mispredicted(tmp_path):
     """torch's Muon takes only matrices: a scale group that also holds a bias (in another optimizer) is flagged."""
     torch.manual_seed(0)

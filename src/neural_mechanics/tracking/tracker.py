@@ -253,6 +253,7 @@ class Tracker(StepHooks):
         self.closed = True
         for h in self._handles:
             h.remove()
+        self.strategy.close()
         if status == "finished" and self._is_log_step(self.step) and self._last_logged != self.step:
             try:
                 self.log_now()

@@ -55,7 +55,7 @@ class AdamStrategy(IdentityStrategy):
         beta1, beta2 = (_num(b) for b in group["betas"])
         v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
         denom = v.sqrt().div_((1 - beta2 ** step) ** 0.5).add_(_num(group["eps"]))
-        return st["exp_avg"].div(denom).div_(1 - beta1 ** step)
+        return torch.div(st["exp_avg"], denom, out=denom).div_(1 - beta1 ** step)   # in place: one temporary
 
     def noise_unit(self, name: str, param: nn.Parameter, group: Mapping[str, Any]) -> float:
         return self.momentum_filter(group).f0

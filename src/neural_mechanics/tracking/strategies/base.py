@@ -205,6 +205,9 @@ class Strategy(ABC):
     def ready(self, step: int) -> bool:
         """Whether there is a state to log outside a step (after the first step, or a resumed one)."""
 
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """The tracker is closing: release what the strategy put in place (Muon's capture)."""
+
     def family_state(self, i: int) -> dict[str, Any]:
         """Checkpoint of family i's prediction state (tensors, numbers, None: loads with weights_only=True)."""
         return {"exact": None, "breaking": None, "paper": None, "vel": None}

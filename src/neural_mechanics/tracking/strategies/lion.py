@@ -48,7 +48,7 @@ class LionStrategy(IdentityStrategy):
         m = self.optimizer.state.get(param, {}).get("exp_avg")
         if m is None:  # Lion's first step starts from m = 0
             m = torch.zeros_like(param)
-        return m.clone().mul_(beta1).add(grad, alpha=1.0 - beta1).sgn_()
+        return m.mul(beta1).add_(grad, alpha=1.0 - beta1).sgn_()   # in place after the first product
 
     def noise_unit(self, name: str, param: nn.Parameter, group: Mapping[str, Any]) -> float:
         return 1.0

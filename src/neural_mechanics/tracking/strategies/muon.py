@@ -5,7 +5,9 @@ mu) (Nesterov) or B_k, O_k = NS(z_k) (a bfloat16 Newton-Schulz iteration towards
 theta <- (1 - eta lambda) theta - eta s O_k with s = adjusted_lr / lr (`adjust_lr_fn`, by the matrix's shape). So
 u_k = s O_k, formed at the post hook from B_k and g_k by the same functions of the same torch build (the update must
 be reproduced bit for bit; a torch without them makes this strategy decline and the run is only measured).
-That costs one Newton-Schulz per tracked matrix per step, about the optimizer's own work.
+Recomputing O_k costs one Newton-Schulz per tracked matrix per step, about the optimizer's own work, so the
+strategy first keeps the O_k the step itself computed (`muon_capture.NewtonSchulzCapture`: the same tensors, no
+recomputation) and recomputes only when that capture does not match the step (another torch build, say).
 
 Which groups fit: Muon acts on whole matrices, so a whole-matrix scale group (a weight followed by a LayerNorm
 without affine, say) is the natural one: |u|^2 = s^2 |O|^2 is fixed by the spectrum. A row group (a weight row
@@ -28,7 +30,10 @@ from torch import Tensor, nn
 
 from neural_mechanics.theory.applicability import identity_rule
 from neural_mechanics.theory.rotational import MomentumFilter, orthogonalized_statistics
+from neural_mechanics.tracking.rows import Row
+from neural_mechanics.tracking.strategies.base import Applies, StepContext, StrategySetup
 from neural_mechanics.tracking.strategies.identity import IdentityStrategy
+from neural_mechanics.tracking.strategies.muon_capture import NewtonSchulzCapture
 from neural_mechanics.tracking.strategies.registry import register_strategy
 
 __all__ = ["MuonStrategy"]
@@ -55,8 +60,29 @@ class MuonStrategy(IdentityStrategy):
     name = "muon"
     phase = "post"
     hyper_keys = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn")
-    memory_note = ("no parameter copies: u_k is recomputed from Muon's momentum buffer one matrix at a time "
-                   "(one extra Newton-Schulz per tracked matrix per step)")
+    memory_note = ("no parameter copies: u_k is the Newton-Schulz output of Muon's own step, held from the step to "
+                   "the post hook (bfloat16, half a float32 copy of the tracked matrices); recomputed from the "
+                   "momentum buffer one matrix at a time when it cannot be read")
+
+    def __init__(self, setup: StrategySetup):
+        super().__init__(setup)
+        self.capture = NewtonSchulzCapture(self.optimizer, self.params.values())
+        self._outputs: dict[int, Tensor] = {}
+        """id(param) -> O_k of this step, between the post hook's start and its end."""
+
+    def pre_step(self, ctx: StepContext, applies: Applies) -> None:
+        super().pre_step(ctx, applies)
+        self.capture.start()
+
+    def post_step(self, ctx: StepContext, applies: Applies) -> list[Row | None] | None:
+        self._outputs = self.capture.finish()
+        try:
+            return super().post_step(ctx, applies)
+        finally:
+            self._outputs = {}
+
+    def close(self) -> None:
+        self.capture.discard()
 
     @classmethod
     def accepts(cls, optimizer: torch.optim.Optimizer) -> bool:
@@ -71,9 +97,11 @@ class MuonStrategy(IdentityStrategy):
         buf = self.optimizer.state.get(param, {}).get("momentum_buffer")
         if buf is None or param.grad is None:
             return None
-        assert _NS is not None
-        z = param.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-        o = _NS(z, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        o = self._outputs.get(id(param))
+        if o is None:  # not captured: recompute it from the state, with the step's own functions
+            assert _NS is not None
+            z = param.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+            o = _NS(z, group["ns_coefficients"], group["ns_steps"], group["eps"])
         return o.to(param.dtype).mul_(self._scale(group, param.shape))
 
     def _stats(self, param: nn.Parameter, group: Mapping[str, Any]) -> tuple[float, float]:

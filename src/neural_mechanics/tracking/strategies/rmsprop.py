@@ -43,14 +43,18 @@ class RMSpropStrategy(IdentityStrategy):
             return None
         if float(group["momentum"]) > 0:
             return st["momentum_buffer"]
+        # one temporary per parameter, filled in place by the same float operations in the same order (the
+        # allocations of a large matrix cost more than its arithmetic)
         sq = st["square_avg"]
         avg = (sq.addcmul(st["grad_avg"], st["grad_avg"], value=-1).sqrt_() if group["centered"] else sq.sqrt())
-        avg = avg.add_(float(group["eps"]))
-        g = -param.grad if group["maximize"] else param.grad
+        avg.add_(float(group["eps"]))
+        grad = param.grad
         lam = float(group["weight_decay"])
         if lam == 0:
-            return g / avg
-        return (g + lam * param.detach()) / (avg - float(group["lr"]) * lam)
+            return torch.div(grad, avg, out=avg).neg_() if group["maximize"] else torch.div(grad, avg, out=avg)
+        num = param.detach() * lam
+        num = num.sub_(grad) if group["maximize"] else num.add_(grad)   # g + lambda theta, g = -grad if maximize
+        return num.div_(avg.sub_(float(group["lr"]) * lam))
 
     def noise_unit(self, name: str, param: nn.Parameter, group: Mapping[str, Any]) -> float:
         return self.momentum_filter(group).f0
