@@ -42,10 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neural_mechanics.errors import ConfigError, LossSpecError
-from neural_mechanics.symmetry.loss import LossSpec, first_tensor
-
-#: F.cross_entropy's default ignore_index: target elements with this value are skipped, by the loss and here.
-IGNORE_INDEX = -100
+from neural_mechanics.symmetry.loss import IGNORE_INDEX, LossSpec, first_tensor
 
 
 @dataclass(frozen=True)
