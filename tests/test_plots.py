@@ -239,6 +239,19 @@ def test_fig_equilibrium_overlays_s_eq_from_grad_norms(run):
     assert [ax.get_title() for ax in fig.axes[:3]][1] == "angular update"
 
 
+def test_fig_equilibrium_quiet_where_s_eq_is_zero(run):
+    """A logged step with no gradient yet (S_eq = 0) is left out of the phase panel without a numpy warning."""
+    import warnings
+
+    view = load_run(run)
+    groups = view.groups.copy()
+    groups.loc[groups["step"] == groups["step"].min(), "grad_norm"] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fig = F.fig_equilibrium(RunView(groups=groups, layers=view.layers, manifest=view.manifest), smooth=1)
+    assert len(fig.axes) >= 3
+
+
 def test_fig_equilibrium_unavailable_without_weight_decay(run):
     view = load_run(run)
     view = RunView(groups=view.groups, layers=view.layers, manifest={"hyperparameters": {"weight_decay": 0.0}})

@@ -124,8 +124,9 @@ def fig_equilibrium(run: Any, smooth: int | None = None) -> Figure:
                 if ax_p is not None:
                     steps = s["step"].to_numpy()
                     dt = np.diff(steps) * s["lr"].to_numpy()[:-1]
-                    rate = np.diff(s["S"].to_numpy()) / dt / s["S"].to_numpy()[:-1]
-                    x = (s["S"].to_numpy() / s_eq)[:-1]
+                    with np.errstate(divide="ignore", invalid="ignore"):  # S_eq = 0 (no gradient yet): not drawn
+                        rate = np.diff(s["S"].to_numpy()) / dt / s["S"].to_numpy()[:-1]
+                        x = (s["S"].to_numpy() / s_eq)[:-1]
                     xs, ys = moving_average(x, w), moving_average(rate, w)
                     finite = xs[np.isfinite(xs) & (xs > 0)]
                     if finite.size:
