@@ -70,9 +70,8 @@ class NewtonSchulzCapture:
 
     def start(self) -> None:
         """At the step pre hook: install the wrapper over what is there now (unwrapping a stale one of ours)."""
-        self.stop()
+        self.discard()
         self.order = [p for pg in self.optimizer.param_groups for p in pg["params"] if p.grad is not None]
-        self.outputs, self.calls = [], 0
         if not self.available():
             return
         current = getattr(_MODULE, _NAME)
@@ -96,10 +95,9 @@ class NewtonSchulzCapture:
 
     def finish(self) -> dict[int, Tensor]:
         """At the post hook: stop, and return {id(param): output} when the match is complete, else {}."""
-        self.stop()
         order, outputs, calls = self.order, self.outputs, self.calls
-        self.order, self.outputs, self.calls = [], [], 0
-        if calls != len(order) or len(outputs) != len(order):
+        self.discard()
+        if calls != len(order):  # one output was kept (or None) per call up to len(order)
             return {}
         kept: dict[int, Tensor] = {}
         for p, out in zip(order, outputs, strict=True):
@@ -111,6 +109,6 @@ class NewtonSchulzCapture:
         return kept
 
     def discard(self) -> None:
-        """Drop everything (tracker closed)."""
+        """Take the wrapper out and drop what was kept (between steps, and when the tracker closes)."""
         self.stop()
         self.order, self.outputs, self.calls = [], [], 0

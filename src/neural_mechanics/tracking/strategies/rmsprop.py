@@ -51,7 +51,8 @@ class RMSpropStrategy(IdentityStrategy):
         grad = param.grad
         lam = float(group["weight_decay"])
         if lam == 0:
-            return torch.div(grad, avg, out=avg).neg_() if group["maximize"] else torch.div(grad, avg, out=avg)
+            u = torch.div(grad, avg, out=avg)
+            return u.neg_() if group["maximize"] else u   # (-g) / avg = -(g / avg) exactly
         num = param.detach() * lam
         num = num.sub_(grad) if group["maximize"] else num.add_(grad)   # g + lambda theta, g = -grad if maximize
         return num.div_(avg.sub_(float(group["lr"]) * lam))
